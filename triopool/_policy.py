@@ -1,0 +1,508 @@
+"""The pool's decisions, as a pure state machine.
+
+Rule 1: every decision of the pool lives here: who gets which connection, when
+to open one, when to close one, how long to back off, and what each statistic
+counts.  Rule 2: nothing here does I/O, reads a clock, or knows about trio or
+psycopg.  Time comes in as ``now`` (seconds, any monotonic origin); randomness
+comes from the injected ``random`` callable.  Rule 3: a method that raises
+changes nothing.
+
+Each connection has a *slot*, identified by an int and in exactly one state::
+
+    CONNECTING ──connected──► (dispatch) ──► LENT ──release──► (dispatch)
+         │                       │  ▲                 │ dirty
+         │ failed: backoff/      │  └──── IDLE ◄──────┤
+         │ give up               │                    ▼
+         ▼                       └──► CLOSING ◄── RESETTING ──reset_done──► (dispatch)
+      (removed)                           │
+                                          └── closed ──► (removed)
+
+*Dispatch* is the one place a connection becomes available: it goes to the
+first waiter (FIFO), else to the idle stack, else (surplus, expired, drained,
+null pool) it is closed.  A slot counts towards ``size`` from ``open`` until
+the shell reports it ``closed``, so ``size <= max_size`` holds for the server
+too.  Methods return the actions the shell must carry out, in order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Generic, TypeVar
+
+W = TypeVar("W", bound=Hashable)
+
+#: First reconnection delay, in seconds; doubled after every failed attempt.
+INITIAL_BACKOFF = 1.0
+#: Relative jitter applied to each backoff delay (±10 %).
+BACKOFF_JITTER = 0.1
+#: Largest fraction by which a connection's max_lifetime is reduced at random.
+LIFETIME_JITTER = 0.1
+
+
+class SlotState(Enum):
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    LENT = "lent"
+    RESETTING = "resetting"
+    CLOSING = "closing"
+
+
+class Outcome(Enum):
+    """How a lent connection came back."""
+
+    CLEAN = "clean"  # idle, ready to serve again
+    DIRTY = "dirty"  # needs a rollback and/or the reset callback
+    BROKEN = "broken"  # closed, broken, or in a state that cannot be recovered
+
+
+class PolicyClosed(Exception):
+    """The pool is closed."""
+
+
+class QueueFull(Exception):
+    """``max_waiting`` clients are already waiting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant(Generic[W]):
+    """Hand slot `slot` to `waiter` (already removed from the queue)."""
+
+    waiter: W
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reject(Generic[W]):
+    """Fail `waiter` (already removed from the queue): the pool is closed."""
+
+    waiter: W
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Start connecting slot `slot` (connect, then report connected/failed)."""
+
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close slot `slot`'s connection (if any), then report closed."""
+
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Roll back / reset slot `slot`'s connection, then report reset_done."""
+
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """A timer deadline moved earlier: ask for `next_deadline()` again."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectFailed:
+    """A connection could not be established within reconnect_timeout."""
+
+
+Action = Grant[W] | Reject[W] | Open | Close | Reset | Wake | ReconnectFailed
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    id: int
+    generation: int
+    state: SlotState = SlotState.CONNECTING
+    expires_at: float = math.inf
+    idle_since: float = 0.0
+    lent_at: float = 0.0
+    failing_since: float | None = None
+    next_delay: float = INITIAL_BACKOFF
+
+
+@dataclass(slots=True)
+class Counters:
+    """psycopg_pool's counters (reset by ``pop``)."""
+
+    requests_num: int = 0
+    requests_queued: int = 0
+    requests_wait_ms: int = 0
+    requests_errors: int = 0
+    returns_bad: int = 0
+    connections_num: int = 0
+    connections_ms: int = 0
+    connections_errors: int = 0
+    connections_lost: int = 0
+    usage_ms: int = 0
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+@dataclass
+class PoolPolicy(Generic[W]):
+    """The state and rules of one pool.  See the module docstring.
+
+    ``max_size=None`` means no limit (the null pool's ``max_size=0``).
+    ``keep_idle=False`` gives the null pool: no connection is kept idle.
+    """
+
+    min_size: int
+    max_size: int | None
+    max_waiting: int = 0
+    max_idle: float = 600.0
+    max_lifetime: float = 3600.0
+    reconnect_timeout: float = 300.0
+    keep_idle: bool = True
+    random: Callable[[], float] = field(default=lambda: 0.5, repr=False)
+
+    closed: bool = field(default=False, init=False)
+    slots: dict[int, Slot] = field(default_factory=dict, init=False, repr=False)
+    counters: Counters = field(default_factory=Counters, init=False)
+    #: The error of the last failed connection attempt (opaque to the policy).
+    last_error: object = field(default=None, init=False, repr=False)
+    _idle: list[int] = field(default_factory=list, init=False, repr=False)  # LIFO stack
+    _waiters: OrderedDict[W, float] = field(default_factory=OrderedDict, init=False, repr=False)
+    _next_slot: int = field(default=0, init=False, repr=False)
+    _generation: int = field(default=0, init=False, repr=False)
+    _timer_at: float = field(default=math.inf, init=False, repr=False)
+
+    # -- observers ---------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Connections open or being opened or closed (all that count to max_size)."""
+        return len(self.slots)
+
+    @property
+    def available(self) -> int:
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def count(self, state: SlotState) -> int:
+        return sum(1 for slot in self.slots.values() if slot.state is state)
+
+    def state_of(self, slot_id: int) -> SlotState | None:
+        slot = self.slots.get(slot_id)
+        return None if slot is None else slot.state
+
+    def idle_slots(self) -> list[int]:
+        """Idle slots, least recently used first."""
+        return list(self._idle)
+
+    def waiters(self) -> list[W]:
+        """Waiting clients, in the order they will be served."""
+        return list(self._waiters)
+
+    def next_deadline(self) -> float:
+        """When `tick` next has work to do (``math.inf``: never, until an event)."""
+        deadline = math.inf
+        if self._idle:
+            if self.size > self.min_size:
+                oldest = self.slots[self._idle[0]]
+                deadline = oldest.idle_since + self.max_idle
+            for slot_id in self._idle:
+                deadline = min(deadline, self.slots[slot_id].expires_at)
+        self._timer_at = deadline
+        return deadline
+
+    # -- clients -----------------------------------------------------------
+
+    def request(self, waiter: W, now: float) -> int | list[Action[W]]:
+        """A client asks for a connection.
+
+        Returns the slot lent to it at once, or the actions to carry out while
+        it waits (it is queued: expect a `Grant` or `Reject` for it later,
+        unless it `cancel`s first).
+
+        Raises:
+            PolicyClosed: the pool is closed.
+            QueueFull: ``max_waiting`` clients are already waiting.
+        """
+        if self.closed:
+            self.counters.requests_errors += 1
+            raise PolicyClosed
+        if self._idle:
+            slot = self.slots[self._idle.pop()]
+            slot.state = SlotState.LENT
+            slot.lent_at = now
+            self.counters.requests_num += 1
+            return slot.id
+        if self.max_waiting and len(self._waiters) >= self.max_waiting:
+            self.counters.requests_errors += 1
+            raise QueueFull
+        self.counters.requests_num += 1
+        self.counters.requests_queued += 1
+        self._waiters[waiter] = now
+        actions: list[Action[W]] = []
+        self._grow(actions)
+        return actions
+
+    def cancel(self, waiter: W, now: float, *, timed_out: bool) -> None:
+        """A queued client stopped waiting (cancelled, or its timeout expired).
+
+        Harmless if it is not queued any more.
+        """
+        queued_at = self._waiters.pop(waiter, None)
+        if queued_at is None:
+            return
+        self.counters.requests_wait_ms += _ms(now - queued_at)
+        if timed_out:
+            self.counters.requests_errors += 1
+
+    def release(
+        self, slot_id: int, now: float, outcome: Outcome, *, by_pool: bool = False
+    ) -> list[Action[W]]:
+        """A lent connection comes back.
+
+        `by_pool`: it was lent to the pool itself (`take_idle`), so it counts
+        as a connection found lost rather than a bad return or usage.
+
+        Raises:
+            KeyError: `slot_id` is not lent.
+        """
+        slot = self._slot_in(slot_id, SlotState.LENT)
+        if not by_pool:
+            self.counters.usage_ms += _ms(now - slot.lent_at)
+        actions: list[Action[W]] = []
+        if outcome is Outcome.BROKEN:
+            if by_pool:
+                self.counters.connections_lost += 1
+            else:
+                self.counters.returns_bad += 1
+            self._close(slot, actions)
+        elif outcome is Outcome.DIRTY and (self.keep_idle or self._waiters):
+            slot.state = SlotState.RESETTING
+            actions.append(Reset(slot.id))
+        elif outcome is Outcome.DIRTY:
+            self._close(slot, actions)
+        else:
+            self._dispatch(slot, now, actions)
+        return actions
+
+    def reset_done(self, slot_id: int, now: float, *, ok: bool) -> list[Action[W]]:
+        """The shell finished resetting a returned connection."""
+        slot = self._slot_in(slot_id, SlotState.RESETTING)
+        actions: list[Action[W]] = []
+        if ok:
+            self._dispatch(slot, now, actions)
+        else:
+            self.counters.returns_bad += 1
+            self._close(slot, actions)
+        return actions
+
+    def take_idle(self, slot_id: int, now: float) -> None:
+        """Lend a specific idle connection to the pool itself (for `check()`).
+
+        Give it back with `release` like any lent connection.
+        """
+        slot = self._slot_in(slot_id, SlotState.IDLE)
+        self._idle.remove(slot_id)
+        slot.state = SlotState.LENT
+        slot.lent_at = now
+
+    # -- connections -------------------------------------------------------
+
+    def connected(self, slot_id: int, now: float, connect_seconds: float) -> list[Action[W]]:
+        """A connection attempt succeeded (connection configured)."""
+        slot = self._slot_in(slot_id, SlotState.CONNECTING)
+        self.counters.connections_num += 1
+        self.counters.connections_ms += _ms(connect_seconds)
+        slot.failing_since = None
+        slot.next_delay = INITIAL_BACKOFF
+        slot.expires_at = now + self.max_lifetime * (1 - LIFETIME_JITTER * self.random())
+        actions: list[Action[W]] = []
+        self._dispatch(slot, now, actions)
+        return actions
+
+    def connect_failed(
+        self, slot_id: int, now: float, error: object
+    ) -> tuple[float | None, list[Action[W]]]:
+        """A connection attempt failed.
+
+        Returns the delay before the next attempt, or None when the slot gives
+        up (it is then removed; the actions say what follows).
+        """
+        slot = self._slot_in(slot_id, SlotState.CONNECTING)
+        self.counters.connections_errors += 1
+        self.last_error = error
+        actions: list[Action[W]] = []
+        if slot.failing_since is None:
+            slot.failing_since = now
+        if self.closed or not self._needed(excluding=slot):
+            del self.slots[slot.id]
+            return None, actions
+        give_up_at = slot.failing_since + self.reconnect_timeout
+        if now >= give_up_at:
+            del self.slots[slot.id]
+            actions.append(ReconnectFailed())
+            self._refill(actions)
+            self._grow(actions)
+            return None, actions
+        jitter = 1 + BACKOFF_JITTER * (2 * self.random() - 1)
+        delay = min(slot.next_delay * jitter, give_up_at - now)
+        slot.next_delay *= 2
+        return delay, actions
+
+    def closed_slot(self, slot_id: int) -> list[Action[W]]:
+        """A slot's connection is closed (or its connect abandoned): forget it."""
+        slot = self.slots.pop(slot_id)
+        if slot.state is SlotState.IDLE:
+            self._idle.remove(slot_id)
+        actions: list[Action[W]] = []
+        if slot.state is not SlotState.CLOSING:
+            # Lost without being asked to close (e.g. found broken when idle).
+            self.counters.connections_lost += 1
+        self._refill(actions)
+        self._grow(actions)
+        return actions
+
+    def tick(self, now: float) -> list[Action[W]]:
+        """Time passed: close expired and surplus idle connections."""
+        actions: list[Action[W]] = []
+        for slot_id in list(self._idle):
+            slot = self.slots[slot_id]
+            if slot.expires_at <= now:
+                self._idle.remove(slot_id)
+                self._close(slot, actions)
+        while self._idle and self.size > self.min_size:
+            oldest = self.slots[self._idle[0]]
+            if oldest.idle_since + self.max_idle > now:
+                break
+            self._idle.pop(0)
+            self._close(oldest, actions)
+        self._refill(actions)
+        return actions
+
+    # -- administration ----------------------------------------------------
+
+    def resize(self, min_size: int, max_size: int | None) -> list[Action[W]]:
+        """Change the sizes (already validated by the caller)."""
+        self.min_size, self.max_size = min_size, max_size
+        actions: list[Action[W]] = []
+        while self._idle and self.max_size is not None and self.size > self.max_size:
+            self._close(self.slots[self._idle.pop(0)], actions)
+        self._refill(actions)
+        self._grow(actions)
+        actions.append(Wake())
+        return actions
+
+    def drain(self) -> list[Action[W]]:
+        """Replace every connection: idle ones now, lent ones when they come back."""
+        self._generation += 1
+        actions: list[Action[W]] = []
+        for slot_id in list(self._idle):
+            self._idle.remove(slot_id)
+            self._close(self.slots[slot_id], actions)
+        self._refill(actions)
+        return actions
+
+    def close(self) -> list[Action[W]]:
+        """Stop serving: fail every waiter, close idle and connecting slots.
+
+        Lent and resetting connections are closed when they come back.
+        """
+        if self.closed:
+            return []
+        self.closed = True
+        actions: list[Action[W]] = [Reject(waiter) for waiter in self._waiters]
+        self.counters.requests_errors += len(self._waiters)
+        self._waiters.clear()
+        for slot in list(self.slots.values()):
+            if slot.state in (SlotState.IDLE, SlotState.CONNECTING):
+                if slot.state is SlotState.IDLE:
+                    self._idle.remove(slot.id)
+                self._close(slot, actions)
+        return actions
+
+    def pop_counters(self) -> Counters:
+        counters, self.counters = self.counters, Counters()
+        return counters
+
+    # -- internals ---------------------------------------------------------
+
+    def _slot_in(self, slot_id: int, state: SlotState) -> Slot:
+        slot = self.slots.get(slot_id)
+        if slot is None or slot.state is not state:
+            raise KeyError(f"slot {slot_id} is not {state.value}")
+        return slot
+
+    def _dispatch(self, slot: Slot, now: float, actions: list[Action[W]]) -> None:
+        """`slot`'s connection is ready: serve a waiter, keep it idle, or close it."""
+        if (
+            self.closed
+            or slot.generation != self._generation
+            or slot.expires_at <= now
+            or (self.max_size is not None and self.size > self.max_size)
+        ):
+            self._close(slot, actions)
+            self._refill(actions)
+            self._grow(actions)
+        elif self._waiters:
+            waiter, queued_at = self._waiters.popitem(last=False)
+            self.counters.requests_wait_ms += _ms(now - queued_at)
+            slot.state = SlotState.LENT
+            slot.lent_at = now
+            actions.append(Grant(waiter, slot.id))
+        elif self.keep_idle:
+            slot.state = SlotState.IDLE
+            slot.idle_since = now
+            deadline = slot.expires_at
+            if not self._idle and self.size > self.min_size:
+                deadline = min(deadline, now + self.max_idle)
+            self._idle.append(slot.id)
+            if deadline < self._timer_at:
+                self._timer_at = deadline
+                actions.append(Wake())
+        else:
+            self._close(slot, actions)
+
+    def _close(self, slot: Slot, actions: list[Action[W]]) -> None:
+        slot.state = SlotState.CLOSING
+        actions.append(Close(slot.id))
+
+    def _open(self, actions: list[Action[W]]) -> None:
+        slot = Slot(self._next_slot, self._generation)
+        self._next_slot += 1
+        self.slots[slot.id] = slot
+        actions.append(Open(slot.id))
+
+    def _incoming(self) -> int:
+        """Connections that will become available without a client returning one."""
+        return sum(
+            1
+            for slot in self.slots.values()
+            if slot.state in (SlotState.CONNECTING, SlotState.RESETTING)
+        )
+
+    def _needed(self, excluding: Slot) -> bool:
+        """Would the pool open a new connection if `excluding` did not exist?"""
+        size = self.size - 1
+        if size < self.min_size:
+            return True
+        return len(self._waiters) > self._incoming() - 1
+
+    def _refill(self, actions: list[Action[W]]) -> None:
+        while not self.closed and self.size < self.min_size:
+            self._open(actions)
+
+    def _grow(self, actions: list[Action[W]]) -> None:
+        """Open connections for waiters that nothing in progress will serve."""
+        if self.closed or not self._waiters:
+            return
+        missing = len(self._waiters) - self._incoming()
+        while missing > 0 and (self.max_size is None or self.size < self.max_size):
+            self._open(actions)
+            missing -= 1

@@ -1,0 +1,934 @@
+"""`ConnectionPool`, `NullConnectionPool` and `open_pool`: the trio shell.
+
+The pool's decisions are made by `triopool._policy.PoolPolicy`, a pure state
+machine; this module carries them out with trio:
+
+* a **supervisor nursery** (opened by `ConnectionPool.run`) owns every
+  background task, so none outlives the pool;
+* one **connection actor** task per connection owns it end to end: connect
+  (with backoff), configure, then serve commands from its mailbox (reset on
+  return, close), and close it when it ends;
+* a **scheduler actor** wakes at the policy's next deadline (idle shrink,
+  max_lifetime) and feeds it the time;
+* **clients** talk to the policy directly with synchronous calls, which are
+  atomic under trio.  A client that finds an idle connection gets it without a
+  task switch; one that must wait parks itself with
+  `trio.lowlevel.wait_task_rescheduled` and is woken with its connection by
+  whoever makes one available.  A connection reaches a waiter only through that
+  wake-up, which trio guarantees is delivered once it is sent, and a waiter that
+  is cancelled first is removed from the queue in the same step: so a
+  connection can be neither lost nor lent twice when a wait is cancelled.
+  (A request/reply round trip through memory channels to a scheduler task cost
+  more than twice as much as the whole fast path; see ``docs/performance``.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, Final, NoReturn, TypeAlias
+
+import outcome
+import psycopg
+import trio
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
+from trio.lowlevel import (
+    Abort,
+    Task,
+    cancel_shielded_checkpoint,
+    checkpoint,
+    checkpoint_if_cancelled,
+    current_task,
+    reschedule,
+    wait_task_rescheduled,
+)
+
+from ._policy import (
+    Action,
+    Close,
+    Grant,
+    Open,
+    Outcome,
+    PolicyClosed,
+    PoolPolicy,
+    QueueFull,
+    ReconnectFailed,
+    Reject,
+    Reset,
+    SlotState,
+    Wake,
+)
+from .connection import Connection
+from .errors import PoolClosed, PoolTimeout, TooManyRequests
+from .stats import PoolStatus, stats_dict
+
+__all__ = ["ConnectionPool", "NullConnectionPool", "open_pool"]
+
+logger = logging.getLogger("triopool")
+
+AnyConnection: TypeAlias = Connection[Any]
+ConnectionCallback: TypeAlias = Callable[[AnyConnection], Awaitable[None]]
+ConninfoParam: TypeAlias = str | Callable[[], str | Awaitable[str]]
+KwargsParam: TypeAlias = (
+    Mapping[str, Any] | Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]] | None
+)
+
+_IDLE = pq.TransactionStatus.IDLE
+_DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+
+_RESET: Final = "reset"
+_CLOSE: Final = "close"
+_Command: TypeAlias = str
+
+_pool_numbers = iter(range(1, 1 << 62))
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool = False) -> float:
+    if value is None and allow_none:
+        return math.inf
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def _check_callable(name: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {type(value).__name__}")
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception worth raising from `group`, if there is one.
+
+    A lone exception (after dropping `trio.Cancelled` when there is something
+    else) is unwrapped, so ``except PoolTimeout`` works around a pool's block.
+    """
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    others = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
+    if len(others) == 1:
+        return others[0]
+    if not others:
+        return leaves[0]
+    return None
+
+
+class ConnectionPool:
+    """A pool of `triopool.Connection` objects, with psycopg_pool's contract.
+
+    Construct it anywhere (no I/O happens), then open it with ``async with
+    pool``, `open_pool`, or ``await nursery.start(pool.run)``.  Parameters and
+    defaults are psycopg_pool's ``AsyncConnectionPool``'s (see the user guide
+    for each); invalid values raise `ValueError` or `TypeError` naming the
+    parameter.  A conninfo string is parsed at once, so a malformed one raises
+    `psycopg.ProgrammingError` here.
+
+    Args:
+        conninfo: connection string, or a callable (sync or async) returning
+            one, called for every new connection.
+        kwargs: extra `Connection.connect` parameters, or a callable (sync or
+            async) returning them, called for every new connection.
+        connection_class: `triopool.Connection` or a subclass.
+        configure: ``async def configure(conn)``, run once on each new
+            connection; if it raises, the connection is discarded and the
+            attempt counts as failed.
+        reset: ``async def reset(conn)``, run when a connection comes back; it
+            must leave the connection idle or it is discarded.
+        check: ``async def check(conn)``, run before a connection is handed
+            out; if it raises, the connection is discarded and the client gets
+            another.  `ConnectionPool.check_connection` is a ready-made one.
+        min_size: connections kept open.
+        max_size: most connections open (``None``: ``min_size``).
+        name: used in logs (default ``pool-1``, ``pool-2``...).
+        timeout: default seconds a client waits for a connection.
+        max_waiting: most clients queued (0: no limit); past it,
+            `TooManyRequests`.
+        max_lifetime: seconds after which a connection is replaced (each
+            connection's is reduced by a random 0-10 %).
+        max_idle: seconds after which an idle connection above ``min_size`` is
+            closed.
+        reconnect_timeout: seconds of failing attempts after which a
+            connection attempt is abandoned and ``reconnect_failed`` called.
+        reconnect_failed: ``reconnect_failed(pool)``, sync or async.
+        close_returns: if true, ``await conn.close()`` on a lent connection
+            returns it to the pool.
+        leak_timeout: seconds a connection may stay lent before a warning is
+            logged (None: never).
+    """
+
+    _keep_idle: bool = True
+
+    def __init__(
+        self,
+        conninfo: ConninfoParam = "",
+        *,
+        kwargs: KwargsParam = None,
+        connection_class: type[AnyConnection] = Connection,
+        configure: ConnectionCallback | None = None,
+        reset: ConnectionCallback | None = None,
+        check: ConnectionCallback | None = None,
+        min_size: int = 4,
+        max_size: int | None = None,
+        name: str | None = None,
+        timeout: float = 30.0,  # noqa: ASYNC109  # psycopg_pool compatibility
+        max_waiting: int = 0,
+        max_lifetime: float = 3600.0,
+        max_idle: float = 600.0,
+        reconnect_timeout: float = 300.0,
+        reconnect_failed: Callable[[ConnectionPool], Any] | None = None,
+        close_returns: bool = False,
+        leak_timeout: float | None = None,
+    ) -> None:
+        if not (isinstance(conninfo, str) or callable(conninfo)):
+            raise TypeError(f"conninfo must be a str or a callable, got {type(conninfo).__name__}")
+        if not (kwargs is None or isinstance(kwargs, Mapping) or callable(kwargs)):
+            raise TypeError(f"kwargs must be a dict or a callable, got {type(kwargs).__name__}")
+        if isinstance(conninfo, str):
+            static_kwargs = dict(kwargs) if isinstance(kwargs, Mapping) else {}
+            conninfo_to_dict(conninfo, **static_kwargs)  # malformed: ProgrammingError now
+        if not (isinstance(connection_class, type) and issubclass(connection_class, Connection)):
+            raise TypeError(
+                f"connection_class must be triopool.Connection or a subclass,"
+                f" got {connection_class!r}"
+            )
+        for cb_name, cb in (
+            ("configure", configure),
+            ("reset", reset),
+            ("check", check),
+            ("reconnect_failed", reconnect_failed),
+        ):
+            _check_callable(cb_name, cb)
+        min_size, max_size = self._check_sizes(min_size, max_size)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+
+        self.conninfo = conninfo
+        self.kwargs = kwargs
+        self.connection_class = connection_class
+        self.name: str = name or f"pool-{next(_pool_numbers)}"
+        self.timeout = _check_seconds("timeout", timeout)
+        self.max_waiting = _check_int("max_waiting", max_waiting, 0)
+        self.max_lifetime = _check_seconds("max_lifetime", max_lifetime)
+        self.max_idle = _check_seconds("max_idle", max_idle)
+        self.reconnect_timeout = _check_seconds("reconnect_timeout", reconnect_timeout)
+        self.leak_timeout = _check_seconds("leak_timeout", leak_timeout, allow_none=True)
+        self.close_returns = bool(close_returns)
+        self._configure = configure
+        self._reset = reset
+        self._check = check
+        self._reconnect_failed = reconnect_failed
+
+        self._policy: PoolPolicy[Task] = PoolPolicy(
+            min_size=min_size,
+            max_size=self._policy_max(max_size),
+            max_waiting=self.max_waiting,
+            max_idle=self.max_idle,
+            max_lifetime=self.max_lifetime,
+            reconnect_timeout=self.reconnect_timeout,
+            keep_idle=self._keep_idle,
+            random=random.random,
+        )
+        self._max_size = max_size
+        self._conns: dict[int, AnyConnection] = {}
+        self._slot_of: dict[AnyConnection, int] = {}
+        self._mailboxes: dict[int, trio.MemorySendChannel[_Command]] = {}
+        self._connect_scopes: dict[int, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._opened = False
+        self._closing = trio.Event()
+        self._stopped = trio.Event()
+        self._wake = trio.Event()
+        self._changed = trio.Event()
+        self._exit_stack: AsyncExitStack | None = None
+
+    # -- sizes ----------------------------------------------------------------
+
+    def _check_sizes(self, min_size: object, max_size: object) -> tuple[int, int]:
+        min_size = _check_int("min_size", min_size, 0)
+        if max_size is None:
+            max_size = min_size
+        max_size = _check_int("max_size", max_size, 0)
+        if max_size < min_size:
+            raise ValueError("max_size must be greater or equal than min_size")
+        if max_size == 0:
+            raise ValueError("if min_size is 0 max_size must be greater than 0")
+        return min_size, max_size
+
+    @staticmethod
+    def _policy_max(max_size: int) -> int | None:
+        return max_size
+
+    @property
+    def min_size(self) -> int:
+        """Connections the pool keeps open."""
+        return self._policy.min_size
+
+    @property
+    def max_size(self) -> int:
+        """Most connections the pool opens."""
+        return self._max_size
+
+    @property
+    def closed(self) -> bool:
+        """True once the pool is closed (it cannot be reopened)."""
+        return self._policy.closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open" if self._opened else "new"
+        return f"<{type(self).__name__} {self.name!r} ({state}) at 0x{id(self):x}>"
+
+    # -- lifetime -------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[ConnectionPool] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the pool and serve until it is closed.
+
+        For ``await nursery.start(pool.run)``: ``started(pool)`` is reported
+        once the supervisor runs (filling to ``min_size`` continues in the
+        background; use `wait` to wait for it).  Returns after `close`.  If the
+        task running it is cancelled, the pool is closed and its connections
+        (but those lent out, closed when they come back) are closed.
+
+        Raises:
+            PoolClosed: the pool was already opened or closed.
+        """
+        if self._opened or self.closed:
+            raise PoolClosed(f"{self.name}: a pool can be opened only once")
+        self._opened = True
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._scheduler, name=f"{self.name} scheduler")
+                self._execute(self._policy.resize(self._policy.min_size, self._policy.max_size))
+                task_status.started(self)
+                try:
+                    await self._closing.wait()
+                finally:
+                    # From now on nothing is reopened, whatever ended the wait.
+                    self._execute(self._policy.close())
+                with trio.move_on_after(self._close_timeout):
+                    while len(self._mailboxes) > self._policy.count(SlotState.LENT):
+                        await self._changed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            self._execute(self._policy.close())
+            self._stopped.set()
+
+    _close_timeout: float = 5.0
+
+    async def __aenter__(self) -> ConnectionPool:
+        """Open the pool (see `run`); filling starts in the background.
+
+        Raises:
+            PoolClosed: the pool was already opened or closed.
+        """
+        try:
+            async with AsyncExitStack() as stack:
+                nursery = await stack.enter_async_context(trio.open_nursery())
+                await nursery.start(self.run)
+                self._exit_stack = stack.pop_all()
+        except BaseExceptionGroup as group:
+            single = _single_exception(group)
+            if single is None:
+                raise
+            raise single from None
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> bool:
+        """Close the pool, then wait for its background tasks to end."""
+        stack, self._exit_stack = self._exit_stack, None
+        assert stack is not None, "pool exited without being entered"
+        try:
+            with trio.CancelScope(shield=exc_type is not None):
+                await self.close()
+        except BaseException as close_exc:  # cancelled while closing
+            exc_type, exc_val, exc_tb = type(close_exc), close_exc, close_exc.__traceback__
+        try:
+            return bool(await stack.__aexit__(exc_type, exc_val, exc_tb))
+        except BaseExceptionGroup as group:
+            single = _single_exception(group)
+            if single is None:
+                raise
+            raise single from None
+
+    async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109  # psycopg_pool API
+        """Close the pool.
+
+        Waiting and future requests fail with `PoolClosed`; idle connections
+        are closed; connections lent out are closed when they come back;
+        background tasks are given `timeout` seconds to end, then cancelled.
+        Closing a closed pool does nothing.
+
+        Checkpoints: always; waits for the background tasks to end.  If
+        cancelled: the pool is closed all the same (background tasks keep
+        ending in their nursery).
+        """
+        self._close_timeout = _check_seconds("timeout", timeout)
+        self._execute(self._policy.close())
+        self._closing.set()
+        if self._opened:
+            await self._stopped.wait()
+        else:
+            await checkpoint()
+
+    async def wait(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109  # psycopg_pool API
+        """Wait until ``min_size`` connections are ready.
+
+        Checkpoints: always.  If cancelled: nothing changes.
+
+        Raises:
+            PoolTimeout: not ready in time; the pool is then closed and the
+                last connection error, if any, is the ``__cause__``.
+            PoolClosed: the pool is closed.
+        """
+        with trio.move_on_after(_check_seconds("timeout", timeout)) as scope:
+            while self._ready_count() < self._policy.min_size:
+                if self.closed:
+                    raise PoolClosed(f"the pool {self.name!r} is closed")
+                await self._changed.wait()
+            await checkpoint()
+        if scope.cancelled_caught:
+            cause = self._policy.last_error
+            await self.close()
+            raise PoolTimeout(f"pool initialization incomplete after {timeout} sec") from (
+                cause if isinstance(cause, BaseException) else None
+            )
+
+    def _ready_count(self) -> int:
+        return sum(
+            1
+            for slot in self._policy.slots.values()
+            if slot.state in (SlotState.IDLE, SlotState.LENT, SlotState.RESETTING)
+        )
+
+    # -- getting connections --------------------------------------------------
+
+    def connection(self, timeout: float | None = None) -> _PooledConnection:  # noqa: ASYNC109
+        """Borrow a connection for an ``async with`` block.
+
+        ``async with pool.connection() as conn:`` gets a connection as
+        `getconn` does.  When the block ends, a transaction in progress is
+        committed (or rolled back if the block raised) and the connection goes
+        back to the pool.
+
+        Checkpoints: entering always (see `getconn`); leaving only when a
+        transaction is to be ended.  If cancelled while leaving: the
+        transaction is rolled back (bounded, shielded) and the connection
+        returned.
+        """
+        return _PooledConnection(self, timeout)
+
+    async def getconn(self, timeout: float | None = None) -> AnyConnection:  # noqa: ASYNC109
+        """Take a connection from the pool; give it back with `putconn`.
+
+        Serves an idle connection at once; otherwise waits, first come first
+        served, for at most `timeout` seconds (default: the pool's
+        ``timeout``) and for as long as the caller's cancel scopes allow.
+        With a ``check`` callback, a connection failing it is discarded and
+        another one is tried within the same time.
+
+        Checkpoints: always.  If cancelled: no connection is taken (one
+        already on its way to this caller goes to the next waiter or back to
+        idle).
+
+        Raises:
+            PoolTimeout: no connection within `timeout`.
+            TooManyRequests: ``max_waiting`` clients are already waiting.
+            PoolClosed: the pool is closed, or was closed while waiting.
+        """
+        await checkpoint_if_cancelled()
+        wait_for = self.timeout if timeout is None else _check_seconds("timeout", timeout)
+        deadline = trio.current_time() + wait_for
+        while True:
+            slot = await self._acquire(deadline, wait_for)
+            conn = self._conns[slot]
+            if self._check is None:
+                await cancel_shielded_checkpoint()
+                return conn
+            try:
+                with trio.move_on_at(deadline) as scope:
+                    await self._check(conn)
+            except Exception as ex:
+                self._log(logging.WARNING, "connection failed check, discarding it: %s", ex)
+                self._execute(self._policy.release(slot, trio.current_time(), Outcome.BROKEN))
+                continue
+            except BaseException:
+                self._give_back(slot, conn)
+                raise
+            if scope.cancelled_caught:
+                self._give_back(slot, conn)
+                raise self._timeout_error(wait_for)
+            return conn
+
+    async def _acquire(self, deadline: float, wait_for: float) -> int:
+        """A slot lent to the calling task (see `getconn`)."""
+        if self._nursery is None:
+            raise PoolClosed(f"the pool {self.name!r} is not open")
+        task = current_task()
+        try:
+            got = self._policy.request(task, trio.current_time())
+        except PolicyClosed:
+            raise PoolClosed(f"the pool {self.name!r} is closed") from None
+        except QueueFull:
+            raise TooManyRequests(
+                f"the pool {self.name!r} has already {self._policy.waiting} requests waiting"
+            ) from None
+        if isinstance(got, int):
+            return got
+        self._execute(got)
+        policy = self._policy
+        with trio.move_on_at(deadline) as scope:
+
+            def abort(_: Any) -> Abort:
+                policy.cancel(task, trio.current_time(), timed_out=scope.cancel_called)
+                return Abort.SUCCEEDED
+
+            slot: int = await wait_task_rescheduled(abort)
+            return slot
+        raise self._timeout_error(wait_for)
+
+    def _timeout_error(self, wait_for: float) -> PoolTimeout:
+        error = PoolTimeout(f"couldn't get a connection after {wait_for:.2f} sec")
+        cause = self._policy.last_error
+        if isinstance(cause, BaseException) and self._ready_count() == 0:
+            error.__cause__ = cause
+        return error
+
+    async def putconn(self, conn: AnyConnection) -> None:  # noqa: ASYNC910  # never waits
+        """Give back a connection obtained with `getconn`.
+
+        A connection in a transaction is rolled back (by its connection
+        actor, in the background); one that is closed, broken or in an
+        unknown state is discarded and replaced.
+
+        Not a checkpoint: it never waits, so it is safe in cleanup code of a
+        cancelled task.
+
+        Raises:
+            ValueError: `conn` is not currently lent by this pool (a foreign
+                connection, or one already returned).
+        """
+        slot = self._slot_of.get(conn)
+        if slot is None or self._policy.state_of(slot) is not SlotState.LENT:
+            raise ValueError(f"can't return connection to pool {self.name!r}: it is not lent by it")
+        self._give_back(slot, conn)
+
+    def _give_back(self, slot: int, conn: AnyConnection) -> None:
+        self._execute(self._policy.release(slot, trio.current_time(), self._outcome(conn)))
+
+    def _outcome(self, conn: AnyConnection) -> Outcome:
+        if conn.closed or conn.broken:
+            return Outcome.BROKEN
+        status = conn.pgconn.transaction_status
+        if status == _IDLE:
+            return Outcome.CLEAN if self._reset is None else Outcome.DIRTY
+        if status in _DIRTY_STATES:
+            return Outcome.DIRTY
+        return Outcome.BROKEN
+
+    # -- maintenance ----------------------------------------------------------
+
+    async def resize(self, min_size: int, max_size: int | None = None) -> None:
+        """Change the pool's sizes.
+
+        Growing opens connections in the background; shrinking closes idle
+        connections at once and lent ones as they come back.
+
+        Checkpoints: always.
+        """
+        min_size, max_size = self._check_sizes(min_size, max_size)
+        await checkpoint()
+        self._max_size = max_size
+        self._execute(self._policy.resize(min_size, self._policy_max(max_size)))
+
+    async def check(self) -> None:
+        """Check every idle connection; discard and replace those that fail.
+
+        Each is tested with `check_connection` while it is taken out of the
+        pool.
+
+        Checkpoints: always.  If cancelled: the connection being checked goes
+        back to the pool (or is discarded if its state is unknown).
+        """
+        await checkpoint()
+        for slot in self._policy.idle_slots():
+            if self._policy.state_of(slot) is not SlotState.IDLE:
+                continue
+            self._policy.take_idle(slot, trio.current_time())
+            conn = self._conns[slot]
+            result = Outcome.BROKEN  # unless the check completes
+            try:
+                with trio.move_on_after(self.timeout):
+                    await self.check_connection(conn)
+                    result = self._outcome(conn)
+            except Exception as ex:
+                self._log(logging.WARNING, "discarding broken connection: %s", ex)
+            finally:
+                self._execute(self._policy.release(slot, trio.current_time(), result, by_pool=True))
+
+    async def drain(self) -> None:
+        """Replace every connection: idle ones now, lent ones when they come back.
+
+        For example after a failover or a credentials rotation.
+
+        Checkpoints: always.
+        """
+        await checkpoint()
+        self._execute(self._policy.drain())
+
+    @staticmethod
+    async def check_connection(conn: AnyConnection) -> None:
+        """A ready-made ``check`` callback: one cheap round trip to the server.
+
+        Raises if the connection does not work.
+        """
+        if conn.autocommit:
+            await conn.execute("")
+            return
+        await conn.set_autocommit(True)
+        try:
+            await conn.execute("")
+        finally:
+            if not conn.closed:
+                await conn.set_autocommit(False)
+
+    # -- observability --------------------------------------------------------
+
+    def status(self) -> PoolStatus:
+        """A snapshot of sizes (not a checkpoint)."""
+        policy = self._policy
+        return PoolStatus(
+            max_size=self.max_size,
+            size=policy.size,
+            available=policy.available,
+            waiting=policy.waiting,
+        )
+
+    def get_stats(self) -> dict[str, int]:
+        """psycopg_pool's 15 stats: current gauges and counters since the last pop."""
+        return stats_dict(self.status(), self.min_size, self._policy.counters)
+
+    def pop_stats(self) -> dict[str, int]:
+        """Like `get_stats`, and reset the counters."""
+        return stats_dict(self.status(), self.min_size, self._policy.pop_counters())
+
+    def _log(self, level: int, msg: str, *args: object) -> None:
+        logger.log(level, "%s: " + msg, self.name, *args, extra={"pool": self.name})
+
+    # -- carrying out the policy's actions ------------------------------------
+
+    def _execute(self, actions: list[Action[Task]]) -> None:
+        """Carry out `actions`, in order, without waiting."""
+        for action in actions:
+            if isinstance(action, Grant):
+                reschedule(action.waiter, outcome.Value(action.slot))
+            elif isinstance(action, Reject):
+                reschedule(
+                    action.waiter, outcome.Error(PoolClosed(f"the pool {self.name!r} is closed"))
+                )
+            elif isinstance(action, Open):
+                # The policy opens nothing once closed, and it is closed before
+                # the supervisor nursery goes away.
+                assert self._nursery is not None
+                self._nursery.start_soon(
+                    self._connection_actor, action.slot, name=f"{self.name} conn {action.slot}"
+                )
+            elif isinstance(action, Close):
+                self._send(action.slot, _CLOSE)
+            elif isinstance(action, Reset):
+                self._send(action.slot, _RESET)
+            elif isinstance(action, Wake):
+                self._wake.set()
+            elif isinstance(action, ReconnectFailed):
+                self._log(
+                    logging.WARNING,
+                    "reconnection attempts failed for %s sec",
+                    self.reconnect_timeout,
+                )
+                if self._reconnect_failed is not None and self._nursery is not None:
+                    self._nursery.start_soon(self._call_reconnect_failed)
+
+    def _send(self, slot: int, command: _Command) -> None:
+        mailbox = self._mailboxes.get(slot)
+        if mailbox is None:
+            # The actor is gone (pool stopped while the connection was lent).
+            conn = self._conns.pop(slot, None)
+            if conn is not None:
+                del self._slot_of[conn]
+                conn._close_now()
+            if slot in self._policy.slots:
+                self._policy.closed_slot(slot)
+            return
+        mailbox.send_nowait(command)
+        if command is _CLOSE and (scope := self._connect_scopes.get(slot)) is not None:
+            scope.cancel()
+
+    async def _call_reconnect_failed(self) -> None:
+        try:
+            assert self._reconnect_failed is not None
+            await _maybe_await(self._reconnect_failed(self))
+        except Exception:
+            logger.exception("%s: error in reconnect_failed callback", self.name)
+
+    def _notify_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- actors -----------------------------------------------------------------
+
+    async def _scheduler(self) -> NoReturn:
+        """Feed the policy the time at each of its deadlines."""
+        while True:
+            self._wake = trio.Event()
+            with trio.move_on_at(self._policy.next_deadline()):
+                await self._wake.wait()
+            self._execute(self._policy.tick(trio.current_time()))
+
+    async def _connection_actor(self, slot: int) -> None:
+        """Own slot `slot`'s connection from connect to close."""
+        mailbox, commands = trio.open_memory_channel[_Command](math.inf)
+        self._mailboxes[slot] = mailbox
+        conn: AnyConnection | None = None
+        try:
+            with commands:
+                conn = await self._establish(slot)
+                if conn is None:
+                    return
+                async for command in commands:
+                    if command is _CLOSE:
+                        break
+                    await self._reset_connection(slot, conn)
+        finally:
+            del self._mailboxes[slot]
+            if conn is not None and self._policy.state_of(slot) is SlotState.LENT:
+                pass  # pool stopped while lent: closed when it comes back (see _send)
+            else:
+                if conn is not None:
+                    del self._conns[slot]
+                    del self._slot_of[conn]
+                    conn._close_now()
+                if slot in self._policy.slots:
+                    self._execute(self._policy.closed_slot(slot))
+            self._notify_changed()
+
+    async def _establish(self, slot: int) -> AnyConnection | None:
+        """Connect (retrying with the policy's backoff) and configure.
+
+        Returns None if the slot gave up or was closed meanwhile.
+        """
+        with trio.CancelScope() as scope:
+            self._connect_scopes[slot] = scope
+            try:
+                while True:
+                    started = trio.current_time()
+                    try:
+                        conn = await self._connect()
+                    except Exception as ex:
+                        if self._policy.state_of(slot) is not SlotState.CONNECTING:
+                            return None
+                        self._log(logging.WARNING, "error connecting: %s", ex)
+                        delay, actions = self._policy.connect_failed(slot, trio.current_time(), ex)
+                        self._execute(actions)
+                        self._notify_changed()
+                        if delay is None:
+                            return None
+                        await trio.sleep(delay)
+                        continue
+                    if self._policy.state_of(slot) is not SlotState.CONNECTING:
+                        conn._close_now()
+                        return None
+                    break
+            finally:
+                del self._connect_scopes[slot]
+        if scope.cancelled_caught:
+            return None
+        conn._pool = self  # type: ignore[assignment]  # as psycopg_pool: for close_returns
+        self._conns[slot] = conn
+        self._slot_of[conn] = slot
+        now = trio.current_time()
+        self._execute(self._policy.connected(slot, now, now - started))
+        self._notify_changed()
+        return conn
+
+    async def _connect(self) -> AnyConnection:
+        """One connection attempt: resolve conninfo/kwargs, connect, configure."""
+        conninfo = self.conninfo
+        if callable(conninfo):
+            conninfo = await _maybe_await(conninfo())
+        kwargs = self.kwargs
+        if callable(kwargs):
+            kwargs = await _maybe_await(kwargs())
+        conn = await self.connection_class.connect(conninfo, **dict(kwargs or {}))
+        try:
+            if self._configure is not None:
+                await self._configure(conn)
+            if conn.pgconn.transaction_status != _IDLE:
+                status = pq.TransactionStatus(conn.pgconn.transaction_status)
+                raise psycopg.ProgrammingError(
+                    f"connection left in status {status.name} by configure function: discarded"
+                )
+        except BaseException:
+            conn._close_now()
+            raise
+        return conn
+
+    async def _reset_connection(self, slot: int, conn: AnyConnection) -> None:
+        """Bring a returned connection back to idle; report to the policy."""
+        ok = False
+        with trio.move_on_after(self.timeout):
+            try:
+                if conn.pgconn.transaction_status in _DIRTY_STATES:
+                    await conn.rollback()
+                if self._reset is not None:
+                    await self._reset(conn)
+                ok = not conn.closed and conn.pgconn.transaction_status == _IDLE
+                if not ok:
+                    self._log(logging.WARNING, "connection left not idle by reset: discarded")
+            except Exception as ex:
+                self._log(logging.WARNING, "error resetting connection: %s", ex)
+        self._execute(self._policy.reset_done(slot, trio.current_time(), ok=ok))
+
+
+class _PooledConnection:
+    """The async context manager returned by `ConnectionPool.connection`."""
+
+    __slots__ = ("_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: ConnectionPool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._conn: AnyConnection | None = None
+
+    async def __aenter__(self) -> AnyConnection:
+        self._conn = conn = await self._pool.getconn(self._timeout)
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        assert conn is not None
+        try:
+            if not conn.closed and conn.pgconn.transaction_status in _DIRTY_STATES:
+                await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back
+        finally:
+            if self._pool._slot_of.get(conn) is not None and (
+                self._pool._policy.state_of(self._pool._slot_of[conn]) is SlotState.LENT
+            ):
+                await self._pool.putconn(conn)
+
+
+class NullConnectionPool(ConnectionPool):
+    """A pool that keeps no idle connection: one connection per request.
+
+    Same interface as `ConnectionPool`.  ``min_size`` must be 0.
+    ``max_size`` ``None`` or 0 means no limit; above 0, at most that many
+    connections exist and further clients queue.  ``reset`` runs only when a
+    client is waiting for the returned connection (otherwise it is closed);
+    ``max_idle`` is ignored; `check` does nothing; `wait` opens one test
+    connection and closes it.
+    """
+
+    _keep_idle = False
+
+    def __init__(
+        self,
+        conninfo: ConninfoParam = "",
+        *,
+        min_size: int = 0,
+        max_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(conninfo, min_size=min_size, max_size=max_size, **kwargs)
+
+    def _check_sizes(self, min_size: object, max_size: object) -> tuple[int, int]:
+        min_size = _check_int("min_size", min_size, 0)
+        if min_size != 0:
+            raise ValueError("null pools have min_size always 0")
+        max_size = _check_int("max_size", 0 if max_size is None else max_size, 0)
+        return 0, max_size
+
+    @staticmethod
+    def _policy_max(max_size: int) -> int | None:
+        return max_size or None
+
+    async def check(self) -> None:
+        """Does nothing: a null pool has no idle connection.  Checkpoints."""
+        await checkpoint()
+
+    async def wait(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109  # psycopg_pool API
+        """Open one test connection and close it.
+
+        Raises:
+            PoolTimeout: it could not be opened in time (the pool is closed;
+                the connection error is the ``__cause__``).
+        """
+        error: BaseException | None = None
+        with trio.move_on_after(_check_seconds("timeout", timeout)) as scope:
+            try:
+                conn = await self._connect()
+            except Exception as ex:
+                error = ex
+            else:
+                conn._close_now()
+                return
+        if error is None and not scope.cancelled_caught:
+            return
+        await self.close()
+        raise PoolTimeout(f"pool initialization incomplete after {timeout} sec") from error
+
+
+@asynccontextmanager
+async def open_pool(
+    conninfo: ConninfoParam = "", *, wait: bool = False, **kwargs: Any
+) -> AsyncIterator[ConnectionPool]:
+    """Open a `ConnectionPool` for the duration of an ``async with`` block.
+
+    ``async with open_pool(dsn, min_size=2) as pool:`` -- keyword arguments are
+    the pool's.  With ``wait=True``, the block starts once ``min_size``
+    connections are ready (within the pool's ``timeout``, else `PoolTimeout`).
+    The pool is closed when the block ends.
+    """
+    async with ConnectionPool(conninfo, **kwargs) as pool:
+        if wait:
+            await pool.wait(pool.timeout)
+        yield pool
