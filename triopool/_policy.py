@@ -26,6 +26,7 @@ too.  Methods return the actions the shell must carry out, in order.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -67,6 +68,10 @@ class QueueFull(Exception):
     """``max_waiting`` clients are already waiting."""
 
 
+class WaitTimeout(Exception):
+    """No connection is available and the request's deadline has passed."""
+
+
 @dataclass(frozen=True, slots=True)
 class Grant(Generic[W]):
     """Hand slot `slot` to `waiter` (already removed from the queue)."""
@@ -80,6 +85,17 @@ class Reject(Generic[W]):
     """Fail `waiter` (already removed from the queue): the pool is closed."""
 
     waiter: W
+
+
+@dataclass(frozen=True, slots=True)
+class Expire(Generic[W]):
+    """Fail `waiter` (already removed from the queue): its deadline passed.
+
+    `waited` is how long it waited, in seconds.
+    """
+
+    waiter: W
+    waited: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +129,7 @@ class ReconnectFailed:
     """A connection could not be established within reconnect_timeout."""
 
 
-Action = Grant[W] | Reject[W] | Open | Close | Reset | Wake | ReconnectFailed
+Action = Grant[W] | Reject[W] | Expire[W] | Open | Close | Reset | Wake | ReconnectFailed
 
 
 @dataclass(slots=True, eq=False)
@@ -171,7 +187,14 @@ class PoolPolicy(Generic[W]):
     #: The error of the last failed connection attempt (opaque to the policy).
     last_error: object = field(default=None, init=False, repr=False)
     _idle: list[int] = field(default_factory=list, init=False, repr=False)  # LIFO stack
-    _waiters: OrderedDict[W, float] = field(default_factory=OrderedDict, init=False, repr=False)
+    # waiter -> (queued at, deadline), in arrival order
+    _waiters: OrderedDict[W, tuple[float, float]] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
+    # (deadline, sequence, waiter) of queued waiters; entries of waiters that
+    # left the queue are dropped lazily (and compacted, see `_push_deadline`)
+    _deadlines: list[tuple[float, int, W]] = field(default_factory=list, init=False, repr=False)
+    _sequence: int = field(default=0, init=False, repr=False)
     _next_slot: int = field(default=0, init=False, repr=False)
     _generation: int = field(default=0, init=False, repr=False)
     _timer_at: float = field(default=math.inf, init=False, repr=False)
@@ -209,6 +232,10 @@ class PoolPolicy(Generic[W]):
     def next_deadline(self) -> float:
         """When `tick` next has work to do (``math.inf``: never, until an event)."""
         deadline = math.inf
+        while self._deadlines and not self._queued_with(self._deadlines[0]):
+            heapq.heappop(self._deadlines)
+        if self._deadlines:
+            deadline = self._deadlines[0][0]
         if self._idle:
             if self.size > self.min_size:
                 oldest = self.slots[self._idle[0]]
@@ -220,16 +247,17 @@ class PoolPolicy(Generic[W]):
 
     # -- clients -----------------------------------------------------------
 
-    def request(self, waiter: W, now: float) -> int | list[Action[W]]:
-        """A client asks for a connection.
+    def request(self, waiter: W, now: float, deadline: float = math.inf) -> int | list[Action[W]]:
+        """A client asks for a connection, waiting at most until `deadline`.
 
         Returns the slot lent to it at once, or the actions to carry out while
-        it waits (it is queued: expect a `Grant` or `Reject` for it later,
-        unless it `cancel`s first).
+        it waits (it is queued: expect a `Grant`, `Expire` or `Reject` for it
+        later, unless it `cancel`s first).
 
         Raises:
             PolicyClosed: the pool is closed.
             QueueFull: ``max_waiting`` clients are already waiting.
+            WaitTimeout: it would have to wait and `deadline` has passed.
         """
         if self.closed:
             self.counters.requests_errors += 1
@@ -243,22 +271,28 @@ class PoolPolicy(Generic[W]):
         if self.max_waiting and len(self._waiters) >= self.max_waiting:
             self.counters.requests_errors += 1
             raise QueueFull
+        if deadline <= now:
+            self.counters.requests_num += 1
+            self.counters.requests_errors += 1
+            raise WaitTimeout
         self.counters.requests_num += 1
         self.counters.requests_queued += 1
-        self._waiters[waiter] = now
+        self._waiters[waiter] = (now, deadline)
         actions: list[Action[W]] = []
+        if deadline < math.inf:
+            self._push_deadline(deadline, waiter, actions)
         self._grow(actions)
         return actions
 
-    def cancel(self, waiter: W, now: float, *, timed_out: bool) -> None:
+    def cancel(self, waiter: W, now: float, *, timed_out: bool = False) -> None:
         """A queued client stopped waiting (cancelled, or its timeout expired).
 
         Harmless if it is not queued any more.
         """
-        queued_at = self._waiters.pop(waiter, None)
-        if queued_at is None:
+        queued = self._waiters.pop(waiter, None)
+        if queued is None:
             return
-        self.counters.requests_wait_ms += _ms(now - queued_at)
+        self.counters.requests_wait_ms += _ms(now - queued[0])
         if timed_out:
             self.counters.requests_errors += 1
 
@@ -370,8 +404,15 @@ class PoolPolicy(Generic[W]):
         return actions
 
     def tick(self, now: float) -> list[Action[W]]:
-        """Time passed: close expired and surplus idle connections."""
+        """Time passed: fail waiters past their deadline, close expired and surplus idle."""
         actions: list[Action[W]] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            entry = heapq.heappop(self._deadlines)
+            if self._queued_with(entry):
+                queued_at, deadline = self._waiters.pop(entry[2])
+                self.counters.requests_wait_ms += _ms(now - queued_at)
+                self.counters.requests_errors += 1
+                actions.append(Expire(entry[2], deadline - queued_at))
         for slot_id in list(self._idle):
             slot = self.slots[slot_id]
             if slot.expires_at <= now:
@@ -420,6 +461,7 @@ class PoolPolicy(Generic[W]):
         actions: list[Action[W]] = [Reject(waiter) for waiter in self._waiters]
         self.counters.requests_errors += len(self._waiters)
         self._waiters.clear()
+        self._deadlines.clear()
         for slot in list(self.slots.values()):
             if slot.state in (SlotState.IDLE, SlotState.CONNECTING):
                 if slot.state is SlotState.IDLE:
@@ -451,7 +493,7 @@ class PoolPolicy(Generic[W]):
             self._refill(actions)
             self._grow(actions)
         elif self._waiters:
-            waiter, queued_at = self._waiters.popitem(last=False)
+            waiter, (queued_at, _) = self._waiters.popitem(last=False)
             self.counters.requests_wait_ms += _ms(now - queued_at)
             slot.state = SlotState.LENT
             slot.lent_at = now
@@ -468,6 +510,22 @@ class PoolPolicy(Generic[W]):
                 actions.append(Wake())
         else:
             self._close(slot, actions)
+
+    def _queued_with(self, entry: tuple[float, int, W]) -> bool:
+        """Is `entry` (of `_deadlines`) the deadline of a waiter still queued?"""
+        queued = self._waiters.get(entry[2])
+        return queued is not None and queued[1] == entry[0]
+
+    def _push_deadline(self, deadline: float, waiter: W, actions: list[Action[W]]) -> None:
+        if len(self._deadlines) > 2 * len(self._waiters) + 64:
+            # Mostly entries of waiters served since: keep only live ones.
+            self._deadlines = [e for e in self._deadlines if self._queued_with(e)]
+            heapq.heapify(self._deadlines)
+        self._sequence += 1
+        heapq.heappush(self._deadlines, (deadline, self._sequence, waiter))
+        if deadline < self._timer_at:
+            self._timer_at = deadline
+            actions.append(Wake())
 
     def _close(self, slot: Slot, actions: list[Action[W]]) -> None:
         slot.state = SlotState.CLOSING
@@ -500,7 +558,11 @@ class PoolPolicy(Generic[W]):
 
     def _grow(self, actions: list[Action[W]]) -> None:
         """Open connections for waiters that nothing in progress will serve."""
-        if self.closed or not self._waiters:
+        if (
+            self.closed
+            or not self._waiters
+            or (self.max_size is not None and self.size >= self.max_size)
+        ):
             return
         missing = len(self._waiters) - self._incoming()
         while missing > 0 and (self.max_size is None or self.size < self.max_size):

@@ -52,6 +52,7 @@ from trio.lowlevel import (
 from ._policy import (
     Action,
     Close,
+    Expire,
     Grant,
     Open,
     Outcome,
@@ -62,6 +63,7 @@ from ._policy import (
     Reject,
     Reset,
     SlotState,
+    WaitTimeout,
     Wake,
 )
 from .connection import Connection
@@ -80,6 +82,7 @@ KwargsParam: TypeAlias = (
 )
 
 _IDLE = pq.TransactionStatus.IDLE
+_CONNECTION_OK = pq.ConnStatus.OK
 _DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 
 _RESET: Final = "reset"
@@ -474,12 +477,19 @@ class ConnectionPool:
         """
         await checkpoint_if_cancelled()
         wait_for = self.timeout if timeout is None else _check_seconds("timeout", timeout)
-        deadline = trio.current_time() + wait_for
+        now = trio.current_time()
+        deadline = now + wait_for
         while True:
-            slot = await self._acquire(deadline, wait_for)
+            got = self._request(now, deadline)
+            if isinstance(got, int):
+                slot = got
+                if self._check is None:
+                    await cancel_shielded_checkpoint()  # the fast path's schedule point
+                    return self._conns[slot]
+            else:
+                slot = await self._wait_for_grant(got)
             conn = self._conns[slot]
             if self._check is None:
-                await cancel_shielded_checkpoint()
                 return conn
             try:
                 with trio.move_on_at(deadline) as scope:
@@ -487,6 +497,7 @@ class ConnectionPool:
             except Exception as ex:
                 self._log(logging.WARNING, "connection failed check, discarding it: %s", ex)
                 self._execute(self._policy.release(slot, trio.current_time(), Outcome.BROKEN))
+                now = trio.current_time()
                 continue
             except BaseException:
                 self._give_back(slot, conn)
@@ -496,32 +507,38 @@ class ConnectionPool:
                 raise self._timeout_error(wait_for)
             return conn
 
-    async def _acquire(self, deadline: float, wait_for: float) -> int:
-        """A slot lent to the calling task (see `getconn`)."""
+    def _request(self, now: float, deadline: float) -> int | list[Action[Task]]:
+        """Ask the policy for a slot for the calling task (see `getconn`)."""
         if self._nursery is None:
             raise PoolClosed(f"the pool {self.name!r} is not open")
-        task = current_task()
         try:
-            got = self._policy.request(task, trio.current_time())
+            return self._policy.request(current_task(), now, deadline)
+        except WaitTimeout:
+            raise self._timeout_error(deadline - now) from None
         except PolicyClosed:
             raise PoolClosed(f"the pool {self.name!r} is closed") from None
         except QueueFull:
             raise TooManyRequests(
                 f"the pool {self.name!r} has already {self._policy.waiting} requests waiting"
             ) from None
-        if isinstance(got, int):
-            return got
-        self._execute(got)
+
+    async def _wait_for_grant(self, actions: list[Action[Task]]) -> int:
+        """Wait, queued, for the policy to grant a slot to the calling task.
+
+        The wait is bounded by the caller's cancel scopes and by the deadline
+        given to the policy, which enforces it (the scheduler wakes up for it):
+        this spares each wait a cancel scope of its own.
+        """
+        self._execute(actions)
+        task = current_task()
         policy = self._policy
-        with trio.move_on_at(deadline) as scope:
 
-            def abort(_: Any) -> Abort:
-                policy.cancel(task, trio.current_time(), timed_out=scope.cancel_called)
-                return Abort.SUCCEEDED
+        def abort(_: Any) -> Abort:
+            policy.cancel(task, trio.current_time())
+            return Abort.SUCCEEDED
 
-            slot: int = await wait_task_rescheduled(abort)
-            return slot
-        raise self._timeout_error(wait_for)
+        slot: int = await wait_task_rescheduled(abort)
+        return slot
 
     def _timeout_error(self, wait_for: float) -> PoolTimeout:
         error = PoolTimeout(f"couldn't get a connection after {wait_for:.2f} sec")
@@ -544,18 +561,23 @@ class ConnectionPool:
             ValueError: `conn` is not currently lent by this pool (a foreign
                 connection, or one already returned).
         """
-        slot = self._slot_of.get(conn)
-        if slot is None or self._policy.state_of(slot) is not SlotState.LENT:
-            raise ValueError(f"can't return connection to pool {self.name!r}: it is not lent by it")
-        self._give_back(slot, conn)
+        slot = self._slot_of.get(conn, -1)  # -1: no slot has this id
+        try:
+            actions = self._policy.release(slot, trio.current_time(), self._outcome(conn))
+        except KeyError:  # not a slot, or not a lent one
+            raise ValueError(
+                f"can't return connection to pool {self.name!r}: it is not lent by it"
+            ) from None
+        self._execute(actions)
 
     def _give_back(self, slot: int, conn: AnyConnection) -> None:
         self._execute(self._policy.release(slot, trio.current_time(), self._outcome(conn)))
 
     def _outcome(self, conn: AnyConnection) -> Outcome:
-        if conn.closed or conn.broken:
+        pgconn = conn.pgconn
+        if pgconn.status != _CONNECTION_OK:  # closed or broken
             return Outcome.BROKEN
-        status = conn.pgconn.transaction_status
+        status = pgconn.transaction_status
         if status == _IDLE:
             return Outcome.CLEAN if self._reset is None else Outcome.DIRTY
         if status in _DIRTY_STATES:
@@ -658,6 +680,8 @@ class ConnectionPool:
         for action in actions:
             if isinstance(action, Grant):
                 reschedule(action.waiter, outcome.Value(action.slot))
+            elif isinstance(action, Expire):
+                reschedule(action.waiter, outcome.Error(self._timeout_error(action.waited)))
             elif isinstance(action, Reject):
                 reschedule(
                     action.waiter, outcome.Error(PoolClosed(f"the pool {self.name!r} is closed"))
