@@ -354,6 +354,7 @@ class PoolPolicy(Generic[W]):
         slot = self._slot_in(slot_id, SlotState.CONNECTING)
         self.counters.connections_num += 1
         self.counters.connections_ms += _ms(connect_seconds)
+        self.last_error = None
         slot.failing_since = None
         slot.next_delay = INITIAL_BACKOFF
         slot.expires_at = now + self.max_lifetime * (1 - LIFETIME_JITTER * self.random())
@@ -440,8 +441,16 @@ class PoolPolicy(Generic[W]):
         actions.append(Wake())
         return actions
 
-    def drain(self) -> list[Action[W]]:
-        """Replace every connection: idle ones now, lent ones when they come back."""
+    def drain(self, since_slot: int | None = None) -> list[Action[W]]:
+        """Replace every connection: idle ones now, lent ones when they come back.
+
+        With `since_slot`, only if that slot belongs to the newest generation of
+        connections (so that many connections failing together drain once).
+        """
+        if since_slot is not None:
+            slot = self.slots.get(since_slot)
+            if slot is None or slot.generation != self._generation:
+                return []
         self._generation += 1
         actions: list[Action[W]] = []
         for slot_id in list(self._idle):

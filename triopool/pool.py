@@ -28,6 +28,7 @@ import inspect
 import logging
 import math
 import random
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
@@ -68,7 +69,7 @@ from ._policy import (
 )
 from .connection import Connection
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
-from .stats import PoolStatus, stats_dict
+from .stats import Holder, PoolStatus, stats_dict
 
 __all__ = ["ConnectionPool", "NullConnectionPool", "open_pool"]
 
@@ -84,6 +85,10 @@ KwargsParam: TypeAlias = (
 _IDLE = pq.TransactionStatus.IDLE
 _CONNECTION_OK = pq.ConnStatus.OK
 _DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+
+#: SQLSTATEs after which a pool with ``drain_on_failover`` replaces the
+#: connections of the failing one's generation (classes are prefixes).
+_FAILOVER_SQLSTATES = ("25006", "57P01", "08")
 
 _RESET: Final = "reset"
 _CLOSE: Final = "close"
@@ -185,7 +190,13 @@ class ConnectionPool:
         close_returns: if true, ``await conn.close()`` on a lent connection
             returns it to the pool.
         leak_timeout: seconds a connection may stay lent before a warning is
-            logged (None: never).
+            logged, with the stack that acquired it (None: never).
+        drain_on_failover: if true, a query failing with
+            ``read_only_sql_transaction`` (25006), ``admin_shutdown`` (57P01) or
+            a connection exception (class 08) inside `connection`, or a broken
+            connection given back, drains the connections opened up to then
+            (see `drain`): after a failover, none keeps talking to the old
+            primary.
     """
 
     _keep_idle: bool = True
@@ -210,6 +221,7 @@ class ConnectionPool:
         reconnect_failed: Callable[[ConnectionPool], Any] | None = None,
         close_returns: bool = False,
         leak_timeout: float | None = None,
+        drain_on_failover: bool = True,
     ) -> None:
         if not (isinstance(conninfo, str) or callable(conninfo)):
             raise TypeError(f"conninfo must be a str or a callable, got {type(conninfo).__name__}")
@@ -245,6 +257,7 @@ class ConnectionPool:
         self.reconnect_timeout = _check_seconds("reconnect_timeout", reconnect_timeout)
         self.leak_timeout = _check_seconds("leak_timeout", leak_timeout, allow_none=True)
         self.close_returns = bool(close_returns)
+        self.drain_on_failover = bool(drain_on_failover)
         self._configure = configure
         self._reset = reset
         self._check = check
@@ -272,6 +285,11 @@ class ConnectionPool:
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._exit_stack: AsyncExitStack | None = None
+        # slot -> (holder task, lent at, stack at acquisition if leak_timeout)
+        self._leases: dict[int, tuple[Task, float, traceback.StackSummary | None]] = {}
+        self._leaks_reported: set[int] = set()
+        self._leak_wake = trio.Event()
+        self._leak_watch_at = math.inf
 
     # -- sizes ----------------------------------------------------------------
 
@@ -332,6 +350,8 @@ class ConnectionPool:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._scheduler, name=f"{self.name} scheduler")
+                if self.leak_timeout < math.inf:
+                    nursery.start_soon(self._watch_leaks, name=f"{self.name} leak watch")
                 self._execute(self._policy.resize(self._policy.min_size, self._policy.max_size))
                 task_status.started(self)
                 try:
@@ -479,17 +499,20 @@ class ConnectionPool:
         wait_for = self.timeout if timeout is None else _check_seconds("timeout", timeout)
         now = trio.current_time()
         deadline = now + wait_for
+        task = current_task()
         while True:
-            got = self._request(now, deadline)
+            got = self._request(task, now, deadline)
             if isinstance(got, int):
                 slot = got
                 if self._check is None:
+                    self._lend(slot, task, now)
                     await cancel_shielded_checkpoint()  # the fast path's schedule point
                     return self._conns[slot]
             else:
-                slot = await self._wait_for_grant(got)
+                slot = await self._wait_for_grant(task, got)
             conn = self._conns[slot]
             if self._check is None:
+                self._lend(slot, task, trio.current_time())
                 return conn
             try:
                 with trio.move_on_at(deadline) as scope:
@@ -505,14 +528,25 @@ class ConnectionPool:
             if scope.cancelled_caught:
                 self._give_back(slot, conn)
                 raise self._timeout_error(wait_for)
+            self._lend(slot, task, trio.current_time())
             return conn
 
-    def _request(self, now: float, deadline: float) -> int | list[Action[Task]]:
-        """Ask the policy for a slot for the calling task (see `getconn`)."""
+    def _lend(self, slot: int, task: Task, now: float) -> None:
+        """Record who holds `slot` (for `holders` and leak detection)."""
+        if self.leak_timeout < math.inf:
+            stack = traceback.StackSummary.from_list(traceback.extract_stack()[:-2])
+            self._leases[slot] = (task, now, stack)
+            if self._leak_watch_at == math.inf:
+                self._leak_wake.set()
+        else:
+            self._leases[slot] = (task, now, None)
+
+    def _request(self, task: Task, now: float, deadline: float) -> int | list[Action[Task]]:
+        """Ask the policy for a slot for `task` (see `getconn`)."""
         if self._nursery is None:
             raise PoolClosed(f"the pool {self.name!r} is not open")
         try:
-            return self._policy.request(current_task(), now, deadline)
+            return self._policy.request(task, now, deadline)
         except WaitTimeout:
             raise self._timeout_error(deadline - now) from None
         except PolicyClosed:
@@ -522,7 +556,7 @@ class ConnectionPool:
                 f"the pool {self.name!r} has already {self._policy.waiting} requests waiting"
             ) from None
 
-    async def _wait_for_grant(self, actions: list[Action[Task]]) -> int:
+    async def _wait_for_grant(self, task: Task, actions: list[Action[Task]]) -> int:
         """Wait, queued, for the policy to grant a slot to the calling task.
 
         The wait is bounded by the caller's cancel scopes and by the deadline
@@ -530,7 +564,6 @@ class ConnectionPool:
         this spares each wait a cancel scope of its own.
         """
         self._execute(actions)
-        task = current_task()
         policy = self._policy
 
         def abort(_: Any) -> Abort:
@@ -541,9 +574,18 @@ class ConnectionPool:
         return slot
 
     def _timeout_error(self, wait_for: float) -> PoolTimeout:
-        error = PoolTimeout(f"couldn't get a connection after {wait_for:.2f} sec")
-        cause = self._policy.last_error
-        if isinstance(cause, BaseException) and self._ready_count() == 0:
+        """psycopg_pool's message, then what the pool looked like."""
+        policy = self._policy
+        cause = policy.last_error
+        details = (
+            f"pool {self.name!r}: {policy.size} connections, {policy.available} idle,"
+            f" {len(self._leases)} lent, {policy.count(SlotState.CONNECTING)} connecting;"
+            f" {policy.waiting} requests waiting"
+        )
+        if isinstance(cause, BaseException):
+            details += f"; last connection error: {type(cause).__name__}: {cause}"
+        error = PoolTimeout(f"couldn't get a connection after {wait_for:.2f} sec ({details})")
+        if isinstance(cause, BaseException):
             error.__cause__ = cause
         return error
 
@@ -562,16 +604,47 @@ class ConnectionPool:
                 connection, or one already returned).
         """
         slot = self._slot_of.get(conn, -1)  # -1: no slot has this id
+        result = self._outcome(conn)
         try:
-            actions = self._policy.release(slot, trio.current_time(), self._outcome(conn))
+            actions = self._policy.release(slot, trio.current_time(), result)
         except KeyError:  # not a slot, or not a lent one
             raise ValueError(
                 f"can't return connection to pool {self.name!r}: it is not lent by it"
             ) from None
+        self._returned(slot, conn, result)
         self._execute(actions)
 
     def _give_back(self, slot: int, conn: AnyConnection) -> None:
+        """Return a slot the calling code took but never handed to its user."""
+        self._leases.pop(slot, None)
         self._execute(self._policy.release(slot, trio.current_time(), self._outcome(conn)))
+
+    def _returned(self, slot: int, conn: AnyConnection, result: Outcome) -> None:
+        """Bookkeeping of a connection given back by its user."""
+        task, lent_at, _ = self._leases.pop(slot)
+        if self._leaks_reported:
+            self._leaks_reported.discard(slot)
+            self._log(
+                logging.INFO,
+                "connection acquired by task %r returned after %.1f sec",
+                task.name,
+                trio.current_time() - lent_at,
+            )
+        if result is Outcome.BROKEN and conn.broken:
+            self._failover_suspected(slot)
+
+    def _failover_suspected(self, slot: int) -> None:
+        if self.drain_on_failover:
+            actions = self._policy.drain(since_slot=slot)
+            if actions:
+                self._log(logging.WARNING, "possible failover: draining the pool")
+                self._execute(actions)
+
+    def holders(self) -> list[Holder]:
+        """Who holds the connections lent out now, longest held first."""
+        now = trio.current_time()
+        holders = [Holder(task.name, now - at) for task, at, _ in self._leases.values()]
+        return sorted(holders, key=lambda holder: -holder.held_for)
 
     def _outcome(self, conn: AnyConnection) -> Outcome:
         pgconn = conn.pgconn
@@ -736,6 +809,32 @@ class ConnectionPool:
 
     # -- actors -----------------------------------------------------------------
 
+    async def _watch_leaks(self) -> NoReturn:
+        """Warn once about each connection lent for longer than leak_timeout."""
+        while True:
+            self._leak_wake = trio.Event()
+            self._leak_watch_at = min(
+                (
+                    at + self.leak_timeout
+                    for slot, (_, at, _) in self._leases.items()
+                    if slot not in self._leaks_reported
+                ),
+                default=math.inf,
+            )
+            with trio.move_on_at(self._leak_watch_at):
+                await self._leak_wake.wait()
+            now = trio.current_time()
+            for slot, (task, at, stack) in self._leases.items():
+                if slot not in self._leaks_reported and at + self.leak_timeout <= now:
+                    self._leaks_reported.add(slot)
+                    self._log(
+                        logging.WARNING,
+                        "connection held by task %r for more than %s sec; acquired at:\n%s",
+                        task.name,
+                        self.leak_timeout,
+                        "".join(stack.format()) if stack else "(unknown)",
+                    )
+
     async def _scheduler(self) -> NoReturn:
         """Feed the policy the time at each of its deadlines."""
         while True:
@@ -871,6 +970,13 @@ class _PooledConnection:
     ) -> None:
         conn, self._conn = self._conn, None
         assert conn is not None
+        pool = self._pool
+        if isinstance(exc_val, psycopg.Error) and (exc_val.sqlstate or "").startswith(
+            _FAILOVER_SQLSTATES
+        ):
+            slot = pool._slot_of.get(conn)
+            if slot is not None:
+                pool._failover_suspected(slot)
         try:
             if not conn.closed and conn.pgconn.transaction_status in _DIRTY_STATES:
                 await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from ._policy import Counters
 
-__all__ = ["PoolStatus"]
+__all__ = ["Holder", "PoolStatus"]
 
 # psycopg_pool's gauge keys (the counter keys are the fields of `Counters`).
 POOL_MIN = "pool_min"
@@ -31,6 +31,19 @@ class PoolStatus:
     size: int
     available: int
     waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A task holding one of a pool's connections (see ``pool.holders()``).
+
+    Attributes:
+        task_name: the trio task's name.
+        held_for: seconds since it got the connection.
+    """
+
+    task_name: str
+    held_for: float
 
 
 def stats_dict(status: PoolStatus, min_size: int, counters: Counters) -> dict[str, int]:
