@@ -44,6 +44,35 @@ BACKOFF_JITTER = 0.1
 LIFETIME_JITTER = 0.1
 
 
+class Backoff:
+    """Delays between failing connection attempts, until it is time to give up.
+
+    The first delay is `INITIAL_BACKOFF`, each next one twice the previous,
+    each with ±`BACKOFF_JITTER` jitter and capped so that the attempts stop
+    `give_up_after` seconds after the first failure.
+    """
+
+    __slots__ = ("_random", "give_up_after", "next_delay", "since")
+
+    def __init__(self, give_up_after: float, random: Callable[[], float]) -> None:
+        self.give_up_after = give_up_after
+        self._random = random
+        self.since: float | None = None
+        self.next_delay = INITIAL_BACKOFF
+
+    def failed(self, now: float) -> float | None:
+        """An attempt failed at `now`: the delay before the next, or None to give up."""
+        if self.since is None:
+            self.since = now
+        give_up_at = self.since + self.give_up_after
+        if now >= give_up_at:
+            return None
+        jitter = 1 + BACKOFF_JITTER * (2 * self._random() - 1)
+        delay = min(self.next_delay * jitter, give_up_at - now)
+        self.next_delay *= 2
+        return delay
+
+
 class SlotState(Enum):
     CONNECTING = "connecting"
     IDLE = "idle"
@@ -140,8 +169,7 @@ class Slot:
     expires_at: float = math.inf
     idle_since: float = 0.0
     lent_at: float = 0.0
-    failing_since: float | None = None
-    next_delay: float = INITIAL_BACKOFF
+    backoff: Backoff | None = None  # while connection attempts fail
 
 
 @dataclass(slots=True)
@@ -355,8 +383,7 @@ class PoolPolicy(Generic[W]):
         self.counters.connections_num += 1
         self.counters.connections_ms += _ms(connect_seconds)
         self.last_error = None
-        slot.failing_since = None
-        slot.next_delay = INITIAL_BACKOFF
+        slot.backoff = None
         slot.expires_at = now + self.max_lifetime * (1 - LIFETIME_JITTER * self.random())
         actions: list[Action[W]] = []
         self._dispatch(slot, now, actions)
@@ -374,21 +401,17 @@ class PoolPolicy(Generic[W]):
         self.counters.connections_errors += 1
         self.last_error = error
         actions: list[Action[W]] = []
-        if slot.failing_since is None:
-            slot.failing_since = now
         if self.closed or not self._needed(excluding=slot):
             del self.slots[slot.id]
             return None, actions
-        give_up_at = slot.failing_since + self.reconnect_timeout
-        if now >= give_up_at:
+        if slot.backoff is None:
+            slot.backoff = Backoff(self.reconnect_timeout, self.random)
+        delay = slot.backoff.failed(now)
+        if delay is None:
             del self.slots[slot.id]
             actions.append(ReconnectFailed())
             self._refill(actions)
             self._grow(actions)
-            return None, actions
-        jitter = 1 + BACKOFF_JITTER * (2 * self.random() - 1)
-        delay = min(slot.next_delay * jitter, give_up_at - now)
-        slot.next_delay *= 2
         return delay, actions
 
     def closed_slot(self, slot_id: int) -> list[Action[W]]:

@@ -30,7 +30,7 @@ import math
 import random
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any, Final, NoReturn, TypeAlias
 
@@ -50,6 +50,7 @@ from trio.lowlevel import (
     wait_task_rescheduled,
 )
 
+from ._groups import single_exception
 from ._policy import (
     Action,
     Close,
@@ -69,6 +70,7 @@ from ._policy import (
 )
 from .connection import Connection
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
+from .listener import Notifications, open_listener
 from .stats import Holder, PoolStatus, stats_dict
 
 __all__ = ["ConnectionPool", "NullConnectionPool", "open_pool"]
@@ -124,30 +126,6 @@ async def _maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
-
-
-def _single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception worth raising from `group`, if there is one.
-
-    A lone exception (after dropping `trio.Cancelled` when there is something
-    else) is unwrapped, so ``except PoolTimeout`` works around a pool's block.
-    """
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        else:
-            leaves.append(exc)
-
-    collect(group)
-    others = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
-    if len(others) == 1:
-        return others[0]
-    if not others:
-        return leaves[0]
-    return None
 
 
 class ConnectionPool:
@@ -382,7 +360,7 @@ class ConnectionPool:
                 await nursery.start(self.run)
                 self._exit_stack = stack.pop_all()
         except BaseExceptionGroup as group:
-            single = _single_exception(group)
+            single = single_exception(group)
             if single is None:
                 raise
             raise single from None
@@ -405,7 +383,7 @@ class ConnectionPool:
         try:
             return bool(await stack.__aexit__(exc_type, exc_val, exc_tb))
         except BaseExceptionGroup as group:
-            single = _single_exception(group)
+            single = single_exception(group)
             if single is None:
                 raise
             raise single from None
@@ -707,6 +685,27 @@ class ConnectionPool:
         await checkpoint()
         self._execute(self._policy.drain())
 
+    def listener(
+        self, *channels: str, buffer_size: int = 1000
+    ) -> AbstractAsyncContextManager[Notifications]:
+        """LISTEN to `channels` on a dedicated connection, for an ``async with`` block.
+
+        ``async with pool.listener("jobs") as notifications: async for n in
+        notifications: ...`` yields `psycopg.Notify` objects, and a
+        `ListenerGap` after each reconnection (notifications sent while
+        disconnected are lost) or when more than `buffer_size` notifications
+        were waiting for the consumer (the oldest are dropped).  The
+        connection is the pool's kind but outside ``max_size``; it is
+        reconnected with the pool's backoff.  Iteration ends when the pool is
+        closed.  Channels can be changed with ``notifications.listen()`` and
+        ``notifications.unlisten()``.
+
+        Checkpoints: entering waits until the server listens (at most the
+        pool's ``timeout``, else `PoolTimeout`).  Not for PgBouncer in
+        transaction mode: connect the pool to the server directly.
+        """
+        return open_listener(self, channels, buffer_size)
+
     @staticmethod
     async def check_connection(conn: AnyConnection) -> None:
         """A ready-made ``check`` callback: one cheap round trip to the server.
@@ -909,15 +908,26 @@ class ConnectionPool:
         self._notify_changed()
         return conn
 
-    async def _connect(self) -> AnyConnection:
-        """One connection attempt: resolve conninfo/kwargs, connect, configure."""
+    async def _connect_params(self) -> tuple[str, dict[str, Any]]:
+        """The conninfo and kwargs for a new connection (callables called now)."""
         conninfo = self.conninfo
         if callable(conninfo):
             conninfo = await _maybe_await(conninfo())
         kwargs = self.kwargs
         if callable(kwargs):
             kwargs = await _maybe_await(kwargs())
-        conn = await self.connection_class.connect(conninfo, **dict(kwargs or {}))
+        return conninfo, dict(kwargs or {})
+
+    async def _connect_listener(self) -> AnyConnection:
+        """A connection for `listener`: autocommit, not configured, not pooled."""
+        conninfo, kwargs = await self._connect_params()
+        kwargs["autocommit"] = True
+        return await self.connection_class.connect(conninfo, **kwargs)
+
+    async def _connect(self) -> AnyConnection:
+        """One connection attempt: resolve conninfo/kwargs, connect, configure."""
+        conninfo, kwargs = await self._connect_params()
+        conn = await self.connection_class.connect(conninfo, **kwargs)
         try:
             if self._configure is not None:
                 await self._configure(conn)
