@@ -201,7 +201,7 @@ async def open_listener(
         single = single_exception(group)
         if single is None:
             raise
-        raise single from None
+        raise single from single.__cause__
 
 
 async def _serve_until_closed(pool: ConnectionPool, notifications: Notifications) -> None:

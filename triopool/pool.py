@@ -363,7 +363,7 @@ class ConnectionPool:
             single = single_exception(group)
             if single is None:
                 raise
-            raise single from None
+            raise single from single.__cause__
         return self
 
     async def __aexit__(
@@ -386,7 +386,7 @@ class ConnectionPool:
             single = single_exception(group)
             if single is None:
                 raise
-            raise single from None
+            raise single from single.__cause__
 
     async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109  # psycopg_pool API
         """Close the pool.
@@ -582,13 +582,14 @@ class ConnectionPool:
                 connection, or one already returned).
         """
         slot = self._slot_of.get(conn, -1)  # -1: no slot has this id
+        if slot not in self._leases:
+            raise ValueError(f"can't return connection to pool {self.name!r}: it is not lent by it")
+        self._put_back(slot, conn)
+
+    def _put_back(self, slot: int, conn: AnyConnection) -> None:
+        """`conn`, lent on `slot` to a user, comes back."""
         result = self._outcome(conn)
-        try:
-            actions = self._policy.release(slot, trio.current_time(), result)
-        except KeyError:  # not a slot, or not a lent one
-            raise ValueError(
-                f"can't return connection to pool {self.name!r}: it is not lent by it"
-            ) from None
+        actions = self._policy.release(slot, trio.current_time(), result)
         self._returned(slot, conn, result)
         self._execute(actions)
 
@@ -961,15 +962,20 @@ class ConnectionPool:
 class _PooledConnection:
     """The async context manager returned by `ConnectionPool.connection`."""
 
-    __slots__ = ("_conn", "_pool", "_timeout")
+    __slots__ = ("_conn", "_lease", "_pool", "_slot", "_timeout")
 
     def __init__(self, pool: ConnectionPool, timeout: float | None) -> None:
         self._pool = pool
         self._timeout = timeout
         self._conn: AnyConnection | None = None
+        self._slot = -1
+        self._lease: object = None
 
     async def __aenter__(self) -> AnyConnection:
-        self._conn = conn = await self._pool.getconn(self._timeout)
+        pool = self._pool
+        self._conn = conn = await pool.getconn(self._timeout)
+        self._slot = slot = pool._slot_of[conn]
+        self._lease = pool._leases[slot]  # identifies this loan of the connection
         return conn
 
     async def __aexit__(
@@ -980,21 +986,18 @@ class _PooledConnection:
     ) -> None:
         conn, self._conn = self._conn, None
         assert conn is not None
-        pool = self._pool
+        pool, slot = self._pool, self._slot
         if isinstance(exc_val, psycopg.Error) and (exc_val.sqlstate or "").startswith(
             _FAILOVER_SQLSTATES
         ):
-            slot = pool._slot_of.get(conn)
-            if slot is not None:
-                pool._failover_suspected(slot)
+            pool._failover_suspected(slot)
         try:
-            if not conn.closed and conn.pgconn.transaction_status in _DIRTY_STATES:
+            if conn.pgconn.transaction_status in _DIRTY_STATES and not conn.closed:
                 await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back
         finally:
-            if self._pool._slot_of.get(conn) is not None and (
-                self._pool._policy.state_of(self._pool._slot_of[conn]) is SlotState.LENT
-            ):
-                await self._pool.putconn(conn)
+            # Unless the block gave it back already (e.g. ``close_returns``):
+            if pool._leases.get(slot) is self._lease:
+                pool._put_back(slot, conn)
 
 
 class NullConnectionPool(ConnectionPool):

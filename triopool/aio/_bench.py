@@ -111,7 +111,7 @@ async def _psycopg_pool(settings: Settings) -> Result:
 
 
 async def _asyncpg(settings: Settings) -> Result:
-    import asyncpg  # type: ignore[import-not-found, unused-ignore]
+    import asyncpg  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
     rng = random.Random(1)
 
@@ -160,7 +160,7 @@ def run(stack: str, settings: Settings) -> Result:
     library, _, loop = stack.partition("+")
     main = {"psycopg_pool": _psycopg_pool, "asyncpg": _asyncpg}[library]
     if loop == "uvloop":
-        import uvloop  # type: ignore[import-not-found, unused-ignore]
+        import uvloop  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
         result: Result = uvloop.run(main(settings))
     else:
