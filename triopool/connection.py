@@ -396,11 +396,16 @@ class Connection(psycopg.AsyncConnection[Row]):
         sent (and no command is in progress), nothing is sent.
         """
         pgconn = self.pgconn
-        if pgconn.transaction_status != _ACTIVE:
-            # Nothing in flight: a cancelled task must not start a command.
-            # (With a command in flight this is psycopg cleaning up after an
-            # interruption, which must be allowed to run.)
+        try:
             await checkpoint_if_cancelled()
+        except BaseException:
+            # A cancelled task starts nothing; if it is in the middle of a
+            # command (e.g. between two rows of a stream), that command is
+            # cancelled on the server before Cancelled propagates.
+            gen.close()
+            if pgconn.transaction_status == _ACTIVE:
+                await self._abort_command()
+            raise
         try:
             state = next(gen)
         except StopIteration as ex:
@@ -417,21 +422,19 @@ class Connection(psycopg.AsyncConnection[Row]):
         """Run `gen` to completion; on interruption abort the command, then re-raise."""
         try:
             return await self._drive(gen, fd, state)
-        except _Interrupted as interrupted:
+        except Exception:
+            raise
+        except BaseException:  # trio.Cancelled, KeyboardInterrupt
+            gen.close()
             if self.pgconn.transaction_status == _ACTIVE:
-                await self._abort_command(gen, fd, interrupted.state)
-            raise interrupted.exception from None
+                await self._abort_command()
+            raise
 
     async def _drive(self, gen: PQGen[Any], fd: int, state: int) -> Any:
-        """Run `gen` to completion from `state`; wrap interruptions in `_Interrupted`."""
+        """Run `gen` to completion from `state`, waiting on `fd` as it asks."""
         try:
             while True:
-                try:
-                    ready = await _wait_ready(fd, state)
-                except Exception:
-                    raise
-                except BaseException as ex:  # trio.Cancelled, KeyboardInterrupt
-                    raise _Interrupted(ex, state) from None
+                ready = await _wait_ready(fd, state)
                 state = gen.send(ready)
         except StopIteration as ex:
             return ex.value
@@ -440,29 +443,27 @@ class Connection(psycopg.AsyncConnection[Row]):
         except OSError as ex:
             raise e.OperationalError("connection socket closed") from ex
 
-    async def _abort_command(self, gen: PQGen[Any], fd: int, state: int) -> None:
+    async def _abort_command(self) -> None:
         """Cancel the command running on the server and drain the connection.
 
-        The interrupted generator is abandoned: what the server still sends
-        for the command is consumed at the libpq level (`_drain_command`).
-        Shielded and bounded by `cancel_timeout`; the connection is closed if
-        it is still ``ACTIVE`` at the end.
+        The caller abandoned the generator it was running: what the server
+        still sends for the command is consumed at the libpq level
+        (`_drain_command`).  Shielded and bounded by `cancel_timeout`; the
+        connection is closed if it is still ``ACTIVE`` at the end.
         """
-        gen.close()
         with trio.move_on_after(self.cancel_timeout, shield=True):
             try:
                 await self._send_cancel_request()
                 drain = _drain_command(self.pgconn)
                 with suppress(StopIteration):  # not active any more
-                    await self._drive(drain, fd, next(drain))
+                    await self._drive(drain, self.pgconn.socket, next(drain))
             except e.Error as ex:
                 logger.debug("error draining an interrupted command: %s", ex)
-            except _Interrupted as ex:
-                # Our own deadline (a Cancelled) is handled below; anything
-                # else (KeyboardInterrupt) wins over the interruption we handle.
-                if not isinstance(ex.exception, trio.Cancelled):
+            except BaseException:  # our own deadline, or a KeyboardInterrupt
+                if self.pgconn.transaction_status == _ACTIVE:
+                    logger.warning("command not terminated after cancellation: closing connection")
                     self._close_now()
-                    raise ex.exception from None
+                raise
         if self.pgconn.transaction_status == _ACTIVE and not self.closed:
             logger.warning("command not terminated after cancellation: closing connection")
             self._close_now()
@@ -613,15 +614,6 @@ class Connection(psycopg.AsyncConnection[Row]):
                         break
             finally:
                 self._notifies_backlog = backlog
-
-
-class _Interrupted(Exception):  # internal carrier, never escapes
-    """Carries an interruption out of `Connection._drive` with the generator state."""
-
-    def __init__(self, exception: BaseException, state: int) -> None:
-        super().__init__()
-        self.exception = exception
-        self.state = state
 
 
 class _Transaction(AsyncTransaction):
