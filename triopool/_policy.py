@@ -226,6 +226,7 @@ class PoolPolicy(Generic[W]):
     _next_slot: int = field(default=0, init=False, repr=False)
     _generation: int = field(default=0, init=False, repr=False)
     _timer_at: float = field(default=math.inf, init=False, repr=False)
+    _closing: int = field(default=0, init=False, repr=False)  # slots in CLOSING
 
     # -- observers ---------------------------------------------------------
 
@@ -265,7 +266,7 @@ class PoolPolicy(Generic[W]):
         if self._deadlines:
             deadline = self._deadlines[0][0]
         if self._idle:
-            if self.size > self.min_size:
+            if self._staying() > self.min_size:
                 oldest = self.slots[self._idle[0]]
                 deadline = oldest.idle_since + self.max_idle
             for slot_id in self._idle:
@@ -420,7 +421,9 @@ class PoolPolicy(Generic[W]):
         if slot.state is SlotState.IDLE:
             self._idle.remove(slot_id)
         actions: list[Action[W]] = []
-        if slot.state is not SlotState.CLOSING:
+        if slot.state is SlotState.CLOSING:
+            self._closing -= 1
+        else:
             # Lost without being asked to close (e.g. found broken when idle).
             self.counters.connections_lost += 1
         self._refill(actions)
@@ -442,7 +445,7 @@ class PoolPolicy(Generic[W]):
             if slot.expires_at <= now:
                 self._idle.remove(slot_id)
                 self._close(slot, actions)
-        while self._idle and self.size > self.min_size:
+        while self._idle and self._staying() > self.min_size:
             oldest = self.slots[self._idle[0]]
             if oldest.idle_since + self.max_idle > now:
                 break
@@ -457,7 +460,7 @@ class PoolPolicy(Generic[W]):
         """Change the sizes (already validated by the caller)."""
         self.min_size, self.max_size = min_size, max_size
         actions: list[Action[W]] = []
-        while self._idle and self.max_size is not None and self.size > self.max_size:
+        while self._idle and self.max_size is not None and self._staying() > self.max_size:
             self._close(self.slots[self._idle.pop(0)], actions)
         self._refill(actions)
         self._grow(actions)
@@ -519,7 +522,7 @@ class PoolPolicy(Generic[W]):
             self.closed
             or slot.generation != self._generation
             or slot.expires_at <= now
-            or (self.max_size is not None and self.size > self.max_size)
+            or (self.max_size is not None and self._staying() > self.max_size)
         ):
             self._close(slot, actions)
             self._refill(actions)
@@ -534,7 +537,7 @@ class PoolPolicy(Generic[W]):
             slot.state = SlotState.IDLE
             slot.idle_since = now
             deadline = slot.expires_at
-            if not self._idle and self.size > self.min_size:
+            if not self._idle and self._staying() > self.min_size:
                 deadline = min(deadline, now + self.max_idle)
             self._idle.append(slot.id)
             if deadline < self._timer_at:
@@ -559,7 +562,12 @@ class PoolPolicy(Generic[W]):
             self._timer_at = deadline
             actions.append(Wake())
 
+    def _staying(self) -> int:
+        """Slots not being closed: what shrinking decisions count."""
+        return len(self.slots) - self._closing
+
     def _close(self, slot: Slot, actions: list[Action[W]]) -> None:
+        self._closing += 1
         slot.state = SlotState.CLOSING
         actions.append(Close(slot.id))
 
