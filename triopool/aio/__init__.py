@@ -1,0 +1,125 @@
+"""Connections from a triopool pool for asyncio code running under trio-asyncio.
+
+Some libraries only speak asyncio.  Inside a trio program they can run on
+`trio_asyncio`'s loop; `AsyncioPool` lets them borrow connections from a
+triopool `~triopool.ConnectionPool`, so the pool's limits, fairness, timeouts
+and statistics govern them too::
+
+    async with trio_asyncio.open_loop():
+        async with triopool.open_pool(dsn, max_size=10) as pool:
+            apool = triopool.aio.AsyncioPool(pool)
+            await trio_asyncio.aio_as_trio(asyncio_code)(apool)
+
+    async def asyncio_code(apool):          # plain asyncio
+        async with apool.connection() as conn:   # a stock psycopg.AsyncConnection
+            await conn.execute("...")
+
+How: the pool lends one of its connections; the asyncio code gets a stock
+`psycopg.AsyncConnection` *view* of the same libpq connection (so it waits on
+asyncio's loop, as such libraries expect).  When the view is given back (by
+`AsyncioPool.putconn`, the end of `AsyncioPool.connection`, or ``await
+conn.close()``), the pool gets its connection back and handles it as any
+returned connection (a transaction left open is rolled back, a broken one
+replaced).  The view does not use server-side prepared statements
+(``prepare_threshold=None``), whose names would clash with the pool
+connection's own.
+
+Needs the ``aio`` extra (``pip install 'triopool[aio]'``).  Import
+`trio_asyncio` before psycopg is first imported, or call `AsyncioPool` only
+from inside ``trio_asyncio.open_loop()``: psycopg keeps a reference to
+asyncio's loop accessor taken at import time, which this module refreshes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import psycopg.waiting
+import trio_asyncio
+
+from ..connection import Connection
+from ..pool import ConnectionPool
+
+__all__ = ["AsyncioPool"]
+
+# psycopg.waiting copies asyncio.get_running_loop at import time; trio-asyncio
+# may provide its own accessor: make psycopg's asyncio waits find its loop.
+if hasattr(psycopg.waiting, "get_running_loop"):
+    psycopg.waiting.get_running_loop = asyncio.get_running_loop
+
+
+class AsyncioPool:
+    """An asyncio-facing view of a triopool `~triopool.ConnectionPool`.
+
+    Its methods are asyncio coroutines, to be awaited from asyncio code
+    running on trio-asyncio's loop.  Getting a connection waits in the trio
+    pool's queue (first come first served with trio clients) and raises its
+    exceptions (`~triopool.PoolTimeout`, `~triopool.PoolClosed`,
+    `~triopool.TooManyRequests`).
+    """
+
+    #: ``await conn.close()`` on a lent view gives it back (as psycopg_pool's
+    #: ``close_returns``), so libraries that close their connections return them.
+    close_returns = True
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        if not isinstance(pool, ConnectionPool):
+            raise TypeError(f"pool must be a triopool ConnectionPool, got {type(pool).__name__}")
+        self.pool = pool
+        self._lent: dict[psycopg.AsyncConnection[Any], tuple[Connection[Any], Any, Any]] = {}
+
+    async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[Any]:  # noqa: ASYNC109
+        """Borrow a connection: a stock `psycopg.AsyncConnection` for asyncio code.
+
+        Give it back with `putconn` (or ``await conn.close()``).
+        """
+        conn = await trio_asyncio.trio_as_aio(self.pool.getconn)(timeout)
+        pgconn = conn.pgconn
+        handlers = (pgconn.notice_handler, pgconn.notify_handler)
+        try:
+            view: psycopg.AsyncConnection[Any] = psycopg.AsyncConnection(pgconn)
+            view._autocommit = conn.autocommit
+            view.prepare_threshold = None
+            view._pool = self  # type: ignore[assignment]  # for close_returns
+        except BaseException:
+            pgconn.notice_handler, pgconn.notify_handler = handlers
+            await trio_asyncio.trio_as_aio(self.pool.putconn)(conn)
+            raise
+        self._lent[view] = (conn, *handlers)
+        return view
+
+    async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give back a connection obtained from `getconn`.
+
+        Raises:
+            ValueError: `conn` was not lent by this object.
+        """
+        try:
+            pooled, notice_handler, notify_handler = self._lent.pop(conn)
+        except KeyError:
+            raise ValueError("this connection was not lent by this AsyncioPool") from None
+        pgconn = pooled.pgconn
+        pgconn.notice_handler, pgconn.notify_handler = notice_handler, notify_handler
+        await trio_asyncio.trio_as_aio(self.pool.putconn)(pooled)
+
+    @asynccontextmanager
+    async def connection(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Borrow a connection for an ``async with`` block (asyncio).
+
+        As `triopool.ConnectionPool.connection`: commit on success, roll back
+        on error, then give it back.
+        """
+        conn = await self.getconn(timeout)
+        try:
+            async with conn:  # commits or rolls back; doesn't close (it is pooled)
+                yield conn
+        finally:
+            if conn in self._lent:
+                await self.putconn(conn)
