@@ -121,18 +121,17 @@ async def test_trio_connection_works_after_asyncio_use(postgres_dsn: str) -> Non
         async with apool.connection() as conn:
             await conn.execute("SELECT 1")
 
-    async with trio_asyncio.open_loop():
-        async with triopool.open_pool(
-            postgres_dsn, min_size=1, kwargs={"autocommit": True}
-        ) as pool:
-            await trio_asyncio.aio_as_trio(code)(AsyncioPool(pool))
-            async with pool.connection() as conn:
-                await conn.execute("LISTEN t_aio_ch")
-                await conn.execute("NOTIFY t_aio_ch, 'x'")
-                with trio.fail_after(2):
-                    got = [n.payload async for n in conn.notifies(stop_after=1)]
-                assert got == ["x"]
-                await conn.execute("UNLISTEN *")
+    async with trio_asyncio.open_loop(), triopool.open_pool(
+        postgres_dsn, min_size=1, kwargs={"autocommit": True}
+    ) as pool:
+        await trio_asyncio.aio_as_trio(code)(AsyncioPool(pool))
+        async with pool.connection() as conn:
+            await conn.execute("LISTEN t_aio_ch")
+            await conn.execute("NOTIFY t_aio_ch, 'x'")
+            with trio.fail_after(2):
+                got = [n.payload async for n in conn.notifies(stop_after=1)]
+            assert got == ["x"]
+            await conn.execute("UNLISTEN *")
 
 
 def test_rejects_other_pools() -> None:
