@@ -72,8 +72,8 @@ def tests(session: nox.Session, psycopg: str) -> None:
     """
     # One resolver pass installs the project and pins psycopg (and its matching
     # psycopg-binary) to the requested minor, instead of installing the newest and
-    # downgrading it afterwards.
-    if _install(session, "-e", ".[test]", f"psycopg[binary]=={psycopg}.*"):
+    # downgrading it afterwards. The `aio` extra brings trio-asyncio for the bridge's tests.
+    if _install(session, "-e", ".[test,aio]", f"psycopg[binary]=={psycopg}.*"):
         session.run(
             "python",
             "-c",
@@ -132,16 +132,28 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run every script in benchmarks/ in turn; arguments after ``--`` go to each of them.
+    """Run the scripts in benchmarks/ one after the other.
 
-    Each script accepts ``--dsn``; without it, it starts a throwaway PostgreSQL server.
+    ``nox -s bench`` runs all of them (``_*.py`` are helpers, not scripts);
+    ``nox -s bench -- single_connection pool_throughput`` runs the named ones. Other
+    arguments after ``--`` go to every script run; they all accept ``--dsn`` (without it,
+    each script starts a throwaway PostgreSQL server of its own).
     """
     _install(session, "-e", ".[bench]")
-    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    scripts = {
+        path.stem: path
+        for path in sorted((ROOT / "benchmarks").glob("*.py"))
+        if not path.name.startswith("_")
+    }
+    wanted = [
+        arg.removesuffix(".py") for arg in session.posargs if arg.removesuffix(".py") in scripts
+    ]
+    script_args = [arg for arg in session.posargs if arg.removesuffix(".py") not in scripts]
     if not scripts:
         session.error("no benchmark scripts in benchmarks/")
-    for script in scripts:
-        session.run("python", str(script.relative_to(ROOT)), *session.posargs)
+    for name in wanted or list(scripts):
+        session.log(f"benchmark: {name}")
+        session.run("python", str(scripts[name].relative_to(ROOT)), *script_args)
 
 
 @nox.session
@@ -150,7 +162,7 @@ def soak(session: nox.Session) -> None:
 
     Until soak tests exist, selecting none is not an error.
     """
-    _install(session, "-e", ".[test]")
+    _install(session, "-e", ".[test,aio]")
     session.run(
         "pytest",
         "-k",
