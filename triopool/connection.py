@@ -30,16 +30,21 @@ What changes, compared with stock psycopg on asyncio:
   `Connection.cancel_timeout`.
 
 psycopg non-public names used (all of them, and only in this module):
-``AsyncConnection.wait``, ``AsyncConnection.lock``,
-``AsyncConnection._connect_gen``, ``AsyncConnection._get_connection_params``,
-``BaseConnection._cancel_gen``, ``BaseConnection._should_cancel``,
-``BaseConnection._autocommit``, ``BaseConnection._adapters``,
-``BaseConnection._closed``, ``BaseConnection._pipeline``,
-``BaseConnection._notify_handlers``, ``BaseConnection._notifies_backlog``,
-``psycopg.generators.notifies``, ``psycopg.waiting.Wait``/``Ready`` and the
-generator protocol they describe, ``psycopg._capabilities`` (via the public
-``psycopg.capabilities``), and ``AsyncTransaction.__aenter__``/``__aexit__``
-being the whole of a transaction block.
+
+* methods overridden or called: ``AsyncConnection.wait``,
+  ``AsyncConnection._connect_gen``, ``AsyncConnection._get_connection_params``,
+  ``BaseConnection._cancel_gen`` (its ``timeout`` argument exists in 3.2 only),
+  ``BaseConnection._should_cancel``;
+* attributes: ``AsyncConnection.lock`` (replaced), ``BaseConnection._autocommit``,
+  ``._adapters``, ``._closed``, ``._pipeline``, ``._notify_handlers``,
+  ``._notifies_backlog``, ``BaseTransaction._conn``;
+* the generator protocol: ``psycopg.generators.notifies`` and the
+  ``psycopg.waiting.Wait``/``Ready`` values generators yield and receive;
+* ``AsyncTransaction.__aenter__``/``__aexit__`` being the whole of a
+  transaction block (they are wrapped, not reimplemented).
+
+Everything else is psycopg's public API (including ``psycopg.pq`` for draining
+an interrupted command and ``psycopg.conninfo.conninfo_attempts`` for names).
 """
 
 from __future__ import annotations
