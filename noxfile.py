@@ -40,9 +40,10 @@ STAMP_NAME = ".triopool-install-stamp"
 def _install(session: nox.Session, *requirements: str) -> bool:
     """Install ``requirements`` unless this environment already has exactly them.
 
-    The stamp records a digest of the requirement list, ``pyproject.toml`` and the interpreter
-    version. The project itself is installed in editable mode, so source edits need no
-    reinstall; a change to its metadata (dependencies, extras, entry points) does.
+    The stamp records a digest of the requirement list, the interpreter version and, when the
+    project is among the requirements, ``pyproject.toml``. The project is installed in
+    editable mode, so source edits need no reinstall; a change to its metadata
+    (dependencies, extras, entry points) does.
 
     Returns:
         True if an install ran, False if the environment was already up to date.
@@ -50,7 +51,8 @@ def _install(session: nox.Session, *requirements: str) -> bool:
     digest = hashlib.sha256()
     digest.update(sys.version.encode())
     digest.update("\0".join(requirements).encode())
-    digest.update(PYPROJECT.read_bytes())
+    if any(req.startswith(".") for req in requirements):  # the project itself
+        digest.update(PYPROJECT.read_bytes())
     stamp = session.env_dir / STAMP_NAME
     wanted = digest.hexdigest()
     if stamp.is_file() and stamp.read_text().strip() == wanted:
