@@ -126,7 +126,7 @@ class _ConnectionLock:
     async def acquire(self) -> None:
         if not self._locked:
             self._locked = True
-            return
+            return  # noqa: ASYNC910  # free lock: no checkpoint by design
         await self._waiters.park()  # release() hands ownership over
 
     def release(self) -> None:
@@ -204,7 +204,7 @@ async def _wait_conn_gen(gen: PQGenConn[Any]) -> Any:
             ready = await _wait_ready(fd, state)
             fd, state = gen.send(ready)
     except StopIteration as ex:
-        return ex.value
+        return ex.value  # noqa: ASYNC910  # a generator that never waits
     except OSError as ex:
         raise e.OperationalError("connection socket closed") from ex
     finally:
@@ -409,7 +409,7 @@ class Connection(psycopg.AsyncConnection[Row]):
             # cancelled on the server before Cancelled propagates.
             gen.close()
             if pgconn.transaction_status == _ACTIVE:
-                await self._abort_command()
+                await self._abort_command()  # noqa: ASYNC102  # _abort_command shields itself, bounded
             raise
         try:
             state = next(gen)
@@ -432,7 +432,7 @@ class Connection(psycopg.AsyncConnection[Row]):
         except BaseException:  # trio.Cancelled, KeyboardInterrupt
             gen.close()
             if self.pgconn.transaction_status == _ACTIVE:
-                await self._abort_command()
+                await self._abort_command()  # noqa: ASYNC102  # _abort_command shields itself, bounded
             raise
 
     async def _drive(self, gen: PQGen[Any], fd: int, state: int) -> Any:
@@ -442,13 +442,13 @@ class Connection(psycopg.AsyncConnection[Row]):
                 ready = await _wait_ready(fd, state)
                 state = gen.send(ready)
         except StopIteration as ex:
-            return ex.value
+            return ex.value  # noqa: ASYNC910  # every path through the loop awaited
         except trio.ClosedResourceError:
             raise e.OperationalError("the connection was closed") from None
         except OSError as ex:
             raise e.OperationalError("connection socket closed") from ex
 
-    async def _abort_command(self) -> None:
+    async def _abort_command(self) -> None:  # noqa: ASYNC910  # shielded on purpose
         """Cancel the command running on the server and drain the connection.
 
         The caller abandoned the generator it was running: what the server
@@ -456,7 +456,7 @@ class Connection(psycopg.AsyncConnection[Row]):
         (`_drain_command`).  Shielded and bounded by `cancel_timeout`; the
         connection is closed if it is still ``ACTIVE`` at the end.
         """
-        with trio.move_on_after(self.cancel_timeout, shield=True):
+        with trio.move_on_after(self.cancel_timeout, shield=True):  # noqa: ASYNC912  # cleanup: shielded and bounded on purpose
             try:
                 await self._send_cancel_request()
                 drain = _drain_command(self.pgconn)
@@ -523,7 +523,7 @@ class Connection(psycopg.AsyncConnection[Row]):
         `psycopg.OperationalError`.
         """
         if self.closed:
-            return
+            return  # noqa: ASYNC910  # closing never waits
         pool = getattr(self, "_pool", None)
         if pool is not None and getattr(pool, "close_returns", False):
             await pool.putconn(self)
@@ -542,7 +542,7 @@ class Connection(psycopg.AsyncConnection[Row]):
         shielded scope bounded by `cancel_timeout`.
         """
         if exc_type is None or self.closed:
-            await super().__aexit__(exc_type, exc_val, exc_tb)
+            await super().__aexit__(exc_type, exc_val, exc_tb)  # noqa: ASYNC102  # commit after success stays cancellable
             return
         with trio.move_on_after(self.cancel_timeout, shield=True) as scope:
             await super().__aexit__(exc_type, exc_val, exc_tb)
@@ -600,7 +600,7 @@ class Connection(psycopg.AsyncConnection[Row]):
                 while True:
                     if backlog:
                         while backlog:
-                            yield backlog.popleft()
+                            yield backlog.popleft()  # noqa: ASYNC119, ASYNC911  # psycopg's API is an async generator
                             nreceived += 1
                     else:
                         received = None
@@ -609,7 +609,7 @@ class Connection(psycopg.AsyncConnection[Row]):
                         if received is None:
                             break
                         for pgn in received:
-                            yield psycopg.Notify(
+                            yield psycopg.Notify(  # noqa: ASYNC119, ASYNC911  # psycopg's API is an async generator
                                 pgn.relname.decode(encoding), pgn.extra.decode(encoding), pgn.be_pid
                             )
                             nreceived += 1
@@ -636,7 +636,7 @@ class _Transaction(AsyncTransaction):
         try:
             await checkpoint_if_cancelled()
         except BaseException as ex:
-            await self.__aexit__(type(ex), ex, ex.__traceback__)
+            await self.__aexit__(type(ex), ex, ex.__traceback__)  # noqa: ASYNC102  # __aexit__ shields the rollback, bounded
             raise
         return self
 
@@ -647,7 +647,7 @@ class _Transaction(AsyncTransaction):
         exc_tb: TracebackType | None,
     ) -> bool:
         if exc_type is None:
-            return await super().__aexit__(exc_type, exc_val, exc_tb)
+            return await super().__aexit__(exc_type, exc_val, exc_tb)  # noqa: ASYNC102  # commit after success stays cancellable
         conn = cast(Connection[Any], self._conn)
         swallow: bool | Literal[False] = False
         with trio.move_on_after(conn.cancel_timeout, shield=True) as scope:

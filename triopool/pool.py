@@ -125,7 +125,7 @@ def _check_callable(name: str, value: object) -> None:
 async def _maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
-    return value
+    return value  # noqa: ASYNC910  # callers checkpoint
 
 
 class ConnectionPool:
@@ -337,7 +337,7 @@ class ConnectionPool:
                 finally:
                     # From now on nothing is reopened, whatever ended the wait.
                     self._execute(self._policy.close())
-                with trio.move_on_after(self._close_timeout):
+                with trio.move_on_after(self._close_timeout):  # noqa: ASYNC912  # nothing to wait for is fine
                     while len(self._mailboxes) > self._policy.count(SlotState.LENT):
                         await self._changed.wait()
                 nursery.cancel_scope.cancel()
@@ -377,11 +377,11 @@ class ConnectionPool:
         assert stack is not None, "pool exited without being entered"
         try:
             with trio.CancelScope(shield=exc_type is not None):
-                await self.close()
-        except BaseException as close_exc:  # cancelled while closing
+                await self.close()  # noqa: ASYNC102  # close() is bounded by its timeout
+        except BaseException as close_exc:  # cancelled while closing  # noqa: ASYNC103  # handed to the nursery's exit, which re-raises it
             exc_type, exc_val, exc_tb = type(close_exc), close_exc, close_exc.__traceback__
         try:
-            return bool(await stack.__aexit__(exc_type, exc_val, exc_tb))
+            return bool(await stack.__aexit__(exc_type, exc_val, exc_tb))  # noqa: ASYNC102  # the nursery exit waits for tasks close() bounded
         except BaseExceptionGroup as group:
             single = single_exception(group)
             if single is None:
@@ -440,7 +440,10 @@ class ConnectionPool:
 
     # -- getting connections --------------------------------------------------
 
-    def connection(self, timeout: float | None = None) -> _PooledConnection:  # noqa: ASYNC109
+    def connection(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AbstractAsyncContextManager[AnyConnection]:
         """Borrow a connection for an ``async with`` block.
 
         ``async with pool.connection() as conn:`` gets a connection as
@@ -478,7 +481,7 @@ class ConnectionPool:
         now = trio.current_time()
         deadline = now + wait_for
         task = current_task()
-        while True:
+        while True:  # noqa: ASYNC913  # each turn awaits the policy or the check
             got = self._request(task, now, deadline)
             if isinstance(got, int):
                 slot = got
@@ -720,8 +723,10 @@ class ConnectionPool:
         try:
             await conn.execute("")
         finally:
-            if not conn.closed:
-                await conn.set_autocommit(False)
+            # Even if cancelled: the connection must not go back autocommit.
+            with trio.move_on_after(conn.cancel_timeout, shield=True):  # noqa: ASYNC912  # shielded cleanup
+                if not conn.closed:
+                    await conn.set_autocommit(False)
 
     # -- observability --------------------------------------------------------
 
@@ -796,7 +801,7 @@ class ConnectionPool:
         if command is _CLOSE and (scope := self._connect_scopes.get(slot)) is not None:
             scope.cancel()
 
-    async def _call_reconnect_failed(self) -> None:
+    async def _call_reconnect_failed(self) -> None:  # noqa: ASYNC910  # a background task
         try:
             assert self._reconnect_failed is not None
             await _maybe_await(self._reconnect_failed(self))
@@ -884,13 +889,13 @@ class ConnectionPool:
                         conn = await self._connect()
                     except Exception as ex:
                         if self._policy.state_of(slot) is not SlotState.CONNECTING:
-                            return None
+                            return None  # noqa: ASYNC910  # after a connection attempt
                         self._log(logging.WARNING, "error connecting: %s", ex)
                         delay, actions = self._policy.connect_failed(slot, trio.current_time(), ex)
                         self._execute(actions)
                         self._notify_changed()
                         if delay is None:
-                            return None
+                            return None  # noqa: ASYNC910  # after a connection attempt
                         await trio.sleep(delay)
                         continue
                     if self._policy.state_of(slot) is not SlotState.CONNECTING:
@@ -917,7 +922,7 @@ class ConnectionPool:
         kwargs = self.kwargs
         if callable(kwargs):
             kwargs = await _maybe_await(kwargs())
-        return conninfo, dict(kwargs or {})
+        return conninfo, dict(kwargs or {})  # noqa: ASYNC910  # nothing to wait for unless callables are async
 
     async def _connect_listener(self) -> AnyConnection:
         """A connection for `listener`: autocommit, not configured, not pooled."""
@@ -942,10 +947,10 @@ class ConnectionPool:
             raise
         return conn
 
-    async def _reset_connection(self, slot: int, conn: AnyConnection) -> None:
+    async def _reset_connection(self, slot: int, conn: AnyConnection) -> None:  # noqa: ASYNC910  # a background task
         """Bring a returned connection back to idle; report to the policy."""
         ok = False
-        with trio.move_on_after(self.timeout):
+        with trio.move_on_after(self.timeout):  # noqa: ASYNC912  # nothing to reset is fine
             try:
                 if conn.pgconn.transaction_status in _DIRTY_STATES:
                     await conn.rollback()
@@ -978,7 +983,7 @@ class _PooledConnection:
         self._lease = pool._leases[slot]  # identifies this loan of the connection
         return conn
 
-    async def __aexit__(
+    async def __aexit__(  # noqa: ASYNC910  # leaving without a transaction does not wait, by design
         self,
         exc_type: type[BaseException] | None,
         exc_val: BaseException | None,
@@ -993,7 +998,7 @@ class _PooledConnection:
             pool._failover_suspected(slot)
         try:
             if conn.pgconn.transaction_status in _DIRTY_STATES and not conn.closed:
-                await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back
+                await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back  # noqa: ASYNC102  # commit after success stays cancellable; rollback is shielded
         finally:
             # Unless the block gave it back already (e.g. ``close_returns``):
             if pool._leases.get(slot) is self._lease:
@@ -1046,7 +1051,7 @@ class NullConnectionPool(ConnectionPool):
                 the connection error is the ``__cause__``).
         """
         error: BaseException | None = None
-        with trio.move_on_after(_check_seconds("timeout", timeout)) as scope:
+        with trio.move_on_after(_check_seconds("timeout", timeout)) as scope:  # noqa: ASYNC912  # the connection attempt is the cancel point
             try:
                 conn = await self._connect()
             except Exception as ex:
@@ -1055,7 +1060,7 @@ class NullConnectionPool(ConnectionPool):
                 conn._close_now()
                 return
         if error is None and not scope.cancelled_caught:
-            return
+            return  # noqa: ASYNC910  # after a connection attempt
         await self.close()
         raise PoolTimeout(f"pool initialization incomplete after {timeout} sec") from error
 

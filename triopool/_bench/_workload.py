@@ -64,7 +64,7 @@ async def drive(
             remaining -= 1
         return time.perf_counter() < deadline
 
-    async def client() -> None:
+    async def client() -> None:  # noqa: ASYNC910  # nursery
         while more():
             try:
                 acquired, ran = await request()
@@ -148,7 +148,7 @@ async def acquire_release_us(pool: ConnectionPool, tasks: int, cycles: int) -> f
     """Mean µs per acquire + release (no query), with `tasks` tasks competing."""
     per_task = cycles // tasks
 
-    async def cycle() -> None:
+    async def cycle() -> None:  # noqa: ASYNC910  # nursery
         for _ in range(per_task):
             conn = await pool.getconn()
             await pool.putconn(conn)
@@ -168,7 +168,7 @@ async def semaphore_deque_us(size: int, tasks: int, cycles: int) -> float:
     items: deque[object] = deque(object() for _ in range(size))
     per_task = cycles // tasks
 
-    async def cycle() -> None:
+    async def cycle() -> None:  # noqa: ASYNC910  # nursery
         for _ in range(per_task):
             await semaphore.acquire()
             item = items.popleft()

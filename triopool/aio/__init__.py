@@ -62,10 +62,6 @@ class AsyncioPool:
     `~triopool.TooManyRequests`).
     """
 
-    #: ``await conn.close()`` on a lent view gives it back (as psycopg_pool's
-    #: ``close_returns``), so libraries that close their connections return them.
-    close_returns = True
-
     def __init__(self, pool: ConnectionPool) -> None:
         if not isinstance(pool, ConnectionPool):
             raise TypeError(f"pool must be a triopool ConnectionPool, got {type(pool).__name__}")
@@ -81,10 +77,11 @@ class AsyncioPool:
         pgconn = conn.pgconn
         handlers = (pgconn.notice_handler, pgconn.notify_handler)
         try:
-            view: psycopg.AsyncConnection[Any] = psycopg.AsyncConnection(pgconn)
+            view = _AsyncioView(pgconn)
             view._autocommit = conn.autocommit
             view.prepare_threshold = None
-            view._pool = self  # type: ignore[assignment]  # for close_returns
+            view.lender = self
+            view._pool = None  # pooled: psycopg doesn't warn when it is deleted open
         except BaseException:
             pgconn.notice_handler, pgconn.notify_handler = handlers
             await trio_asyncio.trio_as_aio(self.pool.putconn)(conn)
@@ -123,3 +120,19 @@ class AsyncioPool:
         finally:
             if conn in self._lent:
                 await self.putconn(conn)
+
+
+class _AsyncioView(psycopg.AsyncConnection[Any]):
+    """A psycopg `~psycopg.AsyncConnection` on a pooled connection's libpq connection.
+
+    ``await conn.close()`` gives it back to its `AsyncioPool` (as psycopg_pool's
+    ``close_returns``), so libraries that close their connections return them.
+    """
+
+    lender: AsyncioPool | None = None
+
+    async def close(self) -> None:
+        if self.lender is not None and self in self.lender._lent:
+            await self.lender.putconn(self)
+        else:
+            await super().close()

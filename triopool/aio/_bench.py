@@ -45,7 +45,7 @@ async def _drive(settings: Settings, request: Request) -> Result:
             remaining -= 1
         return time.perf_counter() < deadline
 
-    async def client() -> None:
+    async def client() -> None:  # noqa: ASYNC910  # asyncio code
         while more():
             try:
                 acquired, ran = await request()
@@ -115,7 +115,7 @@ async def _asyncpg(settings: Settings) -> Result:
 
     rng = random.Random(1)
 
-    async def init(conn: Any) -> None:
+    async def init(conn: Any) -> None:  # noqa: ASYNC910  # asyncio code
         if settings.workload != "select1":
             await conn.execute(CREATE_TEMP_TABLE)
 

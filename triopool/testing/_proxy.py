@@ -89,7 +89,7 @@ class TcpProxy:
             except OSError:
                 return
             async with server:
-                with trio.CancelScope() as scope:
+                with trio.CancelScope() as scope:  # noqa: ASYNC912  # the nursery inside waits
                     self._links[scope] = client
                     try:
                         async with trio.open_nursery() as nursery:
