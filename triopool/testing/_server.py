@@ -153,7 +153,42 @@ def reap_orphans() -> int:
     return reaped
 
 
-class PostgresServer:
+class _AdminQueries:
+    """Short blocking admin queries, for servers that can say their `conninfo`."""
+
+    def conninfo(self, **overrides: object) -> str:
+        raise NotImplementedError
+
+    def execute(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        """Run `query` on a short-lived admin connection; return its rows."""
+        with psycopg.connect(
+            self.conninfo(application_name="triopool-admin"), autocommit=True
+        ) as conn:
+            cur = conn.execute(query, params)
+            return list(cur.fetchall()) if cur.description else []
+
+    def terminate_backends(self, application_name: str | None = None) -> int:
+        """``pg_terminate_backend`` every client backend (but this call's), or those of
+        `application_name`; return how many."""
+        rows = self.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            " AND (%s::text IS NULL OR application_name = %s::text)",
+            (application_name, application_name),
+        )
+        return int(str(rows[0][0]))
+
+    def count_backends(self, application_name: str) -> int:
+        """Client backends whose ``application_name`` is `application_name`."""
+        rows = self.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND application_name = %s",
+            (application_name,),
+        )
+        return int(str(rows[0][0]))
+
+
+class PostgresServer(_AdminQueries):
     """A throwaway PostgreSQL cluster on a free 127.0.0.1 port, with trust auth.
 
     ``with PostgresServer() as server:`` starts it (``initdb`` the first
@@ -334,36 +369,6 @@ class PostgresServer:
             self._base = None
             self.port = 0
 
-    # -- admin queries ------------------------------------------------------------
-
-    def execute(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        """Run `query` on a short-lived admin connection; return its rows."""
-        with psycopg.connect(
-            self.conninfo(application_name="triopool-admin"), autocommit=True
-        ) as conn:
-            cur = conn.execute(query, params)
-            return list(cur.fetchall()) if cur.description else []
-
-    def terminate_backends(self, application_name: str | None = None) -> int:
-        """``pg_terminate_backend`` every client backend (but this call's), or those of
-        `application_name`; return how many."""
-        rows = self.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-            " AND (%s::text IS NULL OR application_name = %s::text)",
-            (application_name, application_name),
-        )
-        return int(str(rows[0][0]))
-
-    def count_backends(self, application_name: str) -> int:
-        """Client backends whose ``application_name`` is `application_name`."""
-        rows = self.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE backend_type = 'client backend' AND application_name = %s",
-            (application_name,),
-        )
-        return int(str(rows[0][0]))
-
     # -- internals ------------------------------------------------------------------
 
     def _spawn(self, args: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -470,7 +475,7 @@ class _PortTaken(Exception):
     pass
 
 
-class ExternalServer:
+class ExternalServer(_AdminQueries):
     """An existing server (``TRIOPOOL_TEST_DSN``): queries only, no fault controls."""
 
     def __init__(self, dsn: str) -> None:
@@ -489,10 +494,6 @@ class ExternalServer:
         )
 
     stop = restart = crash = pause = resume = start = _no_faults
-
-    execute = PostgresServer.execute
-    terminate_backends = PostgresServer.terminate_backends
-    count_backends = PostgresServer.count_backends
 
 
 @contextlib.contextmanager
