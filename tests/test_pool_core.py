@@ -239,7 +239,7 @@ async def test_cancel_at_every_checkpoint_of_a_request(pool: ConnectionPool, k: 
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
 
-            async def canceller() -> None:
+            async def canceller() -> None:  # noqa: ASYNC910  # may be cancelled before it starts
                 for _ in range(k):
                     await trio.lowlevel.checkpoint()
                 scope.cancel()
