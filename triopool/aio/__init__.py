@@ -39,17 +39,26 @@ from typing import Any
 
 import psycopg
 import psycopg.waiting
-import trio_asyncio
 
 from ..connection import Connection
 from ..pool import ConnectionPool
 
 __all__ = ["AsyncioPool"]
 
-# psycopg.waiting copies asyncio.get_running_loop at import time; trio-asyncio
-# may provide its own accessor: make psycopg's asyncio waits find its loop.
-if hasattr(psycopg.waiting, "get_running_loop"):
-    psycopg.waiting.get_running_loop = asyncio.get_running_loop
+
+def _trio_as_aio(fn: Any) -> Any:
+    """trio-asyncio's adapter, imported on first use.
+
+    Importing trio-asyncio patches asyncio process-wide (and slows plain asyncio
+    down), so this module does it only when an `AsyncioPool` is used.  Then
+    psycopg's import-time copy of ``asyncio.get_running_loop`` is refreshed so
+    that psycopg's asyncio waits find trio-asyncio's loop.
+    """
+    import trio_asyncio
+
+    if hasattr(psycopg.waiting, "get_running_loop"):
+        psycopg.waiting.get_running_loop = asyncio.get_running_loop
+    return trio_asyncio.trio_as_aio(fn)
 
 
 class AsyncioPool:
@@ -73,7 +82,7 @@ class AsyncioPool:
 
         Give it back with `putconn` (or ``await conn.close()``).
         """
-        conn = await trio_asyncio.trio_as_aio(self.pool.getconn)(timeout)
+        conn = await _trio_as_aio(self.pool.getconn)(timeout)
         pgconn = conn.pgconn
         handlers = (pgconn.notice_handler, pgconn.notify_handler)
         try:
@@ -84,7 +93,7 @@ class AsyncioPool:
             view._pool = None  # pooled: psycopg doesn't warn when it is deleted open
         except BaseException:
             pgconn.notice_handler, pgconn.notify_handler = handlers
-            await trio_asyncio.trio_as_aio(self.pool.putconn)(conn)
+            await _trio_as_aio(self.pool.putconn)(conn)
             raise
         self._lent[view] = (conn, *handlers)
         return view
@@ -101,7 +110,7 @@ class AsyncioPool:
             raise ValueError("this connection was not lent by this AsyncioPool") from None
         pgconn = pooled.pgconn
         pgconn.notice_handler, pgconn.notify_handler = notice_handler, notify_handler
-        await trio_asyncio.trio_as_aio(self.pool.putconn)(pooled)
+        await _trio_as_aio(self.pool.putconn)(pooled)
 
     @asynccontextmanager
     async def connection(
