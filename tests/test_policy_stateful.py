@@ -8,11 +8,14 @@ checks the policy against the model and the pool's promises:
 
 * every slot is in exactly one state, the one the model expects; the idle
   stack is exactly the model's, in LIFO order;
-* ``size <= max_size``, except after a ``resize`` lowered ``max_size`` below
-  the connections then in use: ``resize`` only closes idle ones, the others
-  are closed when they come back, so the size may stay above ``max_size``
-  for a while, but it never grows while above it and nothing is opened
-  beyond ``max_size``;
+* ``size <= max_size`` (``size`` counts connections until their close ends),
+  except after a ``resize`` lowered ``max_size`` below the connections then in
+  use: ``resize`` closes only idle ones and the surplus of the others is closed
+  as it comes back, so ``size`` may stay above ``max_size`` for a while; it
+  never grows while above it, and nothing is opened beyond ``max_size``;
+* shrinking (``max_idle``, ``resize``) closes no more than the surplus, not
+  counting connections already being closed, and never goes below
+  ``min_size``;
 * connections are opened only for waiters that nothing in progress serves;
 * FIFO: a waiter is granted only when it is the oldest queued one; no slot
   has two holders; a waiter is granted, rejected, expired or cancelled at most
@@ -99,7 +102,7 @@ class Config:
     randoms: tuple[float, ...]
 
 
-RANDOMS = st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.0, 1.0)
+RANDOMS = st.sampled_from([0.0, 0.5, 1.0, 0.25, 0.9])
 
 
 @st.composite
@@ -119,7 +122,7 @@ def configs(draw: st.DrawFn) -> Config:
         max_lifetime=draw(st.sampled_from([5.0, 30.0, 3600.0])),
         reconnect_timeout=draw(st.sampled_from([0.0, 3.0, 20.0])),
         keep_idle=keep_idle,
-        randoms=tuple(draw(st.lists(RANDOMS, min_size=1, max_size=3))),
+        randoms=draw(st.tuples(RANDOMS, RANDOMS)),
     )
 
 
@@ -348,7 +351,7 @@ class PolicyMachine(RuleBasedStateMachine):
         assert self.timer <= deadline, (
             f"a deadline moved to {deadline} without a Wake (timer at {self.timer})"
         )
-        due = [deadline for _, deadline in self.queue.values()]
+        due = [waiter_deadline for _, waiter_deadline in self.queue.values()]
         due += [policy.slots[slot].expires_at for slot in self.idle]
         if self.idle and self.size - len(self.closing) > self.min_size:
             due.append(policy.slots[self.idle[0]].idle_since + self.config.max_idle)
@@ -752,8 +755,8 @@ class PolicyMachine(RuleBasedStateMachine):
 
 
 MACHINE_SETTINGS = settings(
-    max_examples=150,
-    stateful_step_count=40,
+    max_examples=400,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -798,15 +801,6 @@ def plant_unbounded_grow(monkeypatch: pytest.MonkeyPatch) -> None:
                 self._open(actions)
 
     monkeypatch.setattr(PoolPolicy, "_grow", grow)
-
-
-def plant_grow_ignores_incoming(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`_incoming` forgets connections being reset."""
-
-    def incoming(self: PoolPolicy[int]) -> int:
-        return self.count(SlotState.CONNECTING)
-
-    monkeypatch.setattr(PoolPolicy, "_incoming", incoming)
 
 
 def plant_missing_wake(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -855,10 +849,6 @@ PLANTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
     # plant: (how, a message of the invariant expected to catch it)
     "lifo_service": (plant_lifo_service, "FIFO"),
     "unbounded_grow": (plant_unbounded_grow, "beyond max_size"),
-    "grow_ignores_incoming": (
-        plant_grow_ignores_incoming,
-        "more than the waiters need|kept connecting for nobody",
-    ),
     "missing_wake": (plant_missing_wake, "without a Wake"),
     "no_refill": (plant_no_refill, "below min_size once settled"),
     "forgotten_waiter": (plant_forgotten_waiter, "policy chose idle"),
@@ -868,6 +858,7 @@ PLANTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
 PLANT_SETTINGS = settings(
     MACHINE_SETTINGS,
     max_examples=500,  # at most: the search stops at the first failure
+    stateful_step_count=25,  # (shorter runs shrink faster)
     derandomize=True,
     database=None,
     report_multiple_bugs=False,
