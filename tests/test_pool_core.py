@@ -10,12 +10,10 @@ import psycopg
 import pytest
 import trio
 import trio.testing
+from _pool_checks import Server, app_name, assert_no_leaks, settled_backends
 
 import triopool
 from triopool import ConnectionPool, NullConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
-from triopool.testing import ExternalServer, PostgresServer
-
-Server = PostgresServer | ExternalServer
 
 STATS_KEYS = {
     "pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting", "usage_ms",
@@ -24,34 +22,9 @@ STATS_KEYS = {
 }  # fmt: skip
 
 
-def app_name() -> str:
-    return f"tp_core_{uuid.uuid4().hex[:10]}"
-
-
-async def backends(server: Server, name: str) -> int:
-    return await trio.to_thread.run_sync(server.count_backends, name)
-
-
-async def settled_backends(server: Server, name: str, expected: int) -> int:
-    """The server's count once it reaches `expected` (backends exit asynchronously), <= 3 s."""
-    with trio.move_on_after(3):
-        while (count := await backends(server, name)) != expected:  # noqa: ASYNC110  # server-side state: no event to wait on
-            await trio.sleep(0.02)
-        return count
-    return await backends(server, name)
-
-
-def check_no_leaks(pool: ConnectionPool) -> None:
-    """Nothing lent, and the policy's books balance."""
-    policy = pool._policy
-    assert pool.holders() == []
-    assert policy.size <= pool.max_size or pool.max_size == 0
-    assert policy.size == sum(policy.count(state) for state in triopool._policy.SlotState)
-
-
 @pytest.fixture
 def name() -> str:
-    return app_name()
+    return app_name("tp_core")
 
 
 @pytest.fixture
@@ -61,7 +34,7 @@ async def pool(postgres_dsn: str, name: str) -> AsyncIterator[ConnectionPool]:
     ) as pool:
         yield pool
         await trio.testing.wait_all_tasks_blocked()
-        check_no_leaks(pool)
+        assert_no_leaks(pool)
 
 
 async def test_open_pool_waits_for_min_size(
@@ -146,7 +119,7 @@ async def test_timeout_message_and_max_waiting(postgres_dsn: str) -> None:
             nursery.cancel_scope.cancel()
         await pool.putconn(held)
         assert pool.get_stats()["requests_errors"] == 2
-        check_no_leaks(pool)
+        assert_no_leaks(pool)
 
 
 async def test_fifo_and_cancelled_waiter(postgres_dsn: str) -> None:
@@ -175,7 +148,7 @@ async def test_fifo_and_cancelled_waiter(postgres_dsn: str) -> None:
             assert pool.status().waiting == 4
             await pool.putconn(held)
         assert served == [0, 1, 3, 4]
-        check_no_leaks(pool)
+        assert_no_leaks(pool)
 
 
 async def test_broken_connection_is_replaced(
@@ -207,7 +180,7 @@ async def test_check_callback_never_hands_out_a_killed_connection(
         for _ in range(4):
             async with pool.connection() as conn:
                 await conn.execute("SELECT 1")  # never the dead one
-        check_no_leaks(pool)
+        assert_no_leaks(pool)
 
 
 async def test_dirty_return_is_rolled_back(pool: ConnectionPool) -> None:
@@ -249,7 +222,7 @@ async def test_cancel_at_every_checkpoint_of_a_request(pool: ConnectionPool, k: 
                 await conn.execute("SELECT 1")
             done = True
     await trio.testing.wait_all_tasks_blocked()
-    check_no_leaks(pool)
+    assert_no_leaks(pool)
     assert done or scope.cancelled_caught
     async with pool.connection() as conn:  # the pool still serves
         await conn.execute("SELECT 1")

@@ -1,0 +1,77 @@
+"""Shared checks for pool tests: the leak check every pool test ends with.
+
+`assert_no_leaks` is the book-keeping half (no I/O); `assert_settled` adds the
+server's view: the pool's backends, counted by ``application_name``, match the
+connections the pool holds.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import trio
+import trio.testing
+
+from triopool import ConnectionPool
+from triopool._policy import SlotState
+from triopool.testing import ExternalServer, PostgresServer
+
+Server = PostgresServer | ExternalServer
+
+
+def app_name(prefix: str = "tp") -> str:
+    """A unique ``application_name`` to find one test's backends on the server."""
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+async def backends(server: Server, name: str) -> int:
+    """How many backends the server has for `name` now."""
+    return await trio.to_thread.run_sync(server.count_backends, name)
+
+
+async def settled_backends(server: Server, name: str, expected: int, within: float = 3.0) -> int:
+    """The server's count once it equals `expected`, or whatever it is after `within` s.
+
+    Backends exit asynchronously after a client closes its socket, so the
+    count is polled (the server offers no event to wait on).
+    """
+    with trio.move_on_after(within):
+        while (count := await backends(server, name)) != expected:  # noqa: ASYNC110  # server-side state: no event to wait on
+            await trio.sleep(0.02)
+        return count
+    return await backends(server, name)
+
+
+def assert_no_leaks(pool: ConnectionPool) -> None:
+    """Nothing lent, the policy's books balance, and the size is within bounds."""
+    policy = pool._policy
+    assert pool.holders() == [], pool.holders()
+    assert policy.count(SlotState.LENT) == 0
+    assert policy.size <= pool.max_size or pool.max_size == 0
+    assert policy.size == sum(policy.count(state) for state in SlotState)
+    with_conn = sum(
+        1
+        for slot in policy.slots.values()
+        if slot.state in (SlotState.IDLE, SlotState.RESETTING, SlotState.LENT)
+    )
+    assert len(pool._conns) >= with_conn
+
+
+async def assert_settled(
+    pool: ConnectionPool, server: Server | None = None, name: str = ""
+) -> None:
+    """Let the pool's actors finish, then check the books (and the server's count).
+
+    For an open pool, the server must have exactly one backend per connection
+    the pool holds; for a closed pool, none, and no background task left.
+    """
+    await trio.testing.wait_all_tasks_blocked()
+    assert_no_leaks(pool)
+    if pool.closed:
+        assert pool._nursery is None, "pool tasks still running after close"
+        assert pool._conns == {} or all(conn.closed for conn in pool._conns.values())
+        expected = 0
+    else:
+        expected = len(pool._conns)
+    if server is not None and name:
+        assert await settled_backends(server, name, expected) == expected
