@@ -174,6 +174,7 @@ class PolicyMachine(RuleBasedStateMachine):
         self.holders: dict[int, int] = {}  # lent slot -> waiter (or POOL)
         self.lent_at: dict[int, float] = {}
         self.connecting: dict[int, float] = {}  # slot -> when its attempt may end
+        self.resizing = False  # resize may close connection attempts over max_size
         self.resetting: set[int] = set()
         self.closing: set[int] = set()
         # History.
@@ -288,7 +289,9 @@ class PolicyMachine(RuleBasedStateMachine):
                     elif slot in self.idle:
                         self.idle.remove(slot)
                     elif slot in self.connecting:
-                        assert policy.closed, f"connecting slot {slot} closed while open"
+                        assert policy.closed or self.resizing, (
+                            f"connecting slot {slot} closed while open, outside resize"
+                        )
                         del self.connecting[slot]
                     else:
                         raise AssertionError(f"closed slot {slot}, neither idle nor ready")
@@ -631,14 +634,25 @@ class PolicyMachine(RuleBasedStateMachine):
         else:
             min_size, max_size = 0, None if unlimited else max(b, 1)
         idle_before, size_before = list(self.idle), self.size
+        connecting_before = list(self.connecting)
         self.min_size, self.max_size = min_size, max_size
         actions = self.policy.resize(min_size, max_size)
         assert actions[-1:] == [Wake()]
+        self.resizing = True
         closed = [action.slot for action in actions if isinstance(action, Close)]
-        assert closed == idle_before[: len(closed)], "closed other than the oldest idle"
+        closed_idle = [slot for slot in closed if slot in idle_before]
+        closed_connecting = closed[len(closed_idle) :]
+        assert closed_idle == idle_before[: len(closed_idle)], "closed other than the oldest idle"
+        newest_connecting = sorted(connecting_before, reverse=True)
+        assert closed_connecting == newest_connecting[: len(closed_connecting)], (
+            "closed other than the newest connection attempts, after the idle ones"
+        )
         surplus = 0 if max_size is None else max(0, size_before - max_size)
         assert len(closed) <= surplus, f"closed {len(closed)} idle for a surplus of {surplus}"
-        self._apply(actions)
+        try:
+            self._apply(actions)
+        finally:
+            self.resizing = False
 
     @rule(since=st.none() | st.integers(0, 12))
     @step

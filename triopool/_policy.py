@@ -457,11 +457,21 @@ class PoolPolicy(Generic[W]):
     # -- administration ----------------------------------------------------
 
     def resize(self, min_size: int, max_size: int | None) -> list[Action[W]]:
-        """Change the sizes (already validated by the caller)."""
+        """Change the sizes (already validated by the caller).
+
+        Over the new ``max_size``, idle connections and connection attempts
+        are closed at once, lent ones when they come back.
+        """
         self.min_size, self.max_size = min_size, max_size
         actions: list[Action[W]] = []
         while self._idle and self.max_size is not None and self._staying() > self.max_size:
             self._close(self.slots[self._idle.pop(0)], actions)
+        # Then connection attempts over the new limit, newest first.
+        for slot in reversed(list(self.slots.values())):
+            if self.max_size is None or self._staying() <= self.max_size:
+                break
+            if slot.state is SlotState.CONNECTING:
+                self._close(slot, actions)
         self._refill(actions)
         self._grow(actions)
         actions.append(Wake())
