@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -152,7 +153,8 @@ async def make_state(state: str, conn: AnyConnection, pool: ConnectionPool, tabl
             await conn.execute("WAT")
         assert conn.info.transaction_status == TransactionStatus.INERROR
     elif state == "mid_stream":
-        async with aclosing(conn.cursor().stream("SELECT generate_series(1, 100000)")) as rows:
+        stream = conn.cursor().stream("SELECT generate_series(1, 100000)")
+        async with aclosing(cast(AsyncGenerator[Any, None], stream)) as rows:
             await anext(rows)
             assert conn.info.transaction_status == TransactionStatus.ACTIVE
             await pool.putconn(conn)
