@@ -182,11 +182,10 @@ async def fetch_value(conn: AnyConnection, query: str) -> object:
 
 def pool_records(caplog: pytest.LogCaptureFixture, pool: ConnectionPool) -> list[str]:
     """The messages the ``triopool`` logger wrote; each must name `pool`."""
-    records = [r for r in caplog.records if r.name == "triopool"]
-    for record in records:
-        assert pool.name in record.getMessage(), record.getMessage()
-        assert getattr(record, "pool", None) == pool.name
-    return [record.getMessage() for record in records]
+    messages = [r.getMessage() for r in caplog.records if r.name == "triopool"]
+    for message in messages:
+        assert pool.name in message, message
+    return messages
 
 
 def capture_pool_logs(caplog: pytest.LogCaptureFixture) -> None:
