@@ -37,6 +37,7 @@ from psycopg.rows import dict_row
 
 import triopool
 from triopool import ConnectionPool, PoolTimeout, TooManyRequests
+from triopool.testing import TcpProxy
 
 # -- connections and what comes back ---------------------------------------------
 
@@ -143,7 +144,9 @@ async def test_putconn_to_the_wrong_pool(
         await one.putconn(conn)
 
 
-async def make_state(state: str, conn: AnyConnection, pool: ConnectionPool, table: str) -> None:
+async def make_state(
+    state: str, conn: AnyConnection, pool: ConnectionPool, server: Server, table: str
+) -> None:
     """Give `conn` back to `pool` in `state`."""
     if state == "intrans":
         await conn.execute(f"CREATE TABLE {table} ()")
@@ -152,6 +155,10 @@ async def make_state(state: str, conn: AnyConnection, pool: ConnectionPool, tabl
         with pytest.raises(psycopg.errors.SyntaxError):
             await conn.execute("WAT")
         assert conn.info.transaction_status == TransactionStatus.INERROR
+    elif state == "inerror_dead":  # the pool's rollback will fail
+        with pytest.raises(psycopg.errors.SyntaxError):
+            await conn.execute("WAT")
+        await terminate(server, conn.info.backend_pid)
     elif state == "mid_stream":
         stream = conn.cursor().stream("SELECT generate_series(1, 100000)")
         async with aclosing(cast(AsyncGenerator[Any, None], stream)) as rows:
@@ -182,14 +189,15 @@ async def terminate_self(conn: AnyConnection) -> None:
 
 
 @pytest.mark.parametrize(
-    "state", ["intrans", "inerror", "mid_stream", "mid_copy", "closed", "broken"]
+    "state", ["intrans", "inerror", "inerror_dead", "mid_stream", "mid_copy", "closed", "broken"]
 )
 async def test_returned_states(
     pool_cls: PoolClass, state: str, postgres_server: Server, name: str
 ) -> None:
     """A connection given back in a transaction (INTRANS/INERROR) is rolled back
     and serves the next client; one given back ACTIVE (mid-``stream()``, mid-COPY),
-    closed or broken is discarded (a bad return) and the client gets a new one."""
+    closed or broken, or whose rollback fails, is discarded (a bad return) and
+    the client gets a new one."""
     table = f"tp_contract_{uuid.uuid4().hex[:8]}"
 
     async def table_exists(conn: AnyConnection) -> object:
@@ -202,7 +210,7 @@ async def test_returned_states(
         pid = conn.info.backend_pid
         seen: Seen
         async with queued_client(pool, table_exists) as seen:
-            await make_state(state, conn, pool, table)
+            await make_state(state, conn, pool, postgres_server, table)
         assert seen.error is None and seen.status == TransactionStatus.IDLE
         assert seen.probed is False  # the CREATE TABLE was rolled back
         kept = state in ("intrans", "inerror")
@@ -455,6 +463,62 @@ async def test_cancelling_a_crowded_queue(
         assert stats["requests_waiting"] == 0
         assert stats["pool_available"] == min_for(pool_cls, 3)
         async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+
+async def test_waiter_cancelled_right_after_its_grant(
+    pool_cls: PoolClass, postgres_server: Server, name: str
+) -> None:
+    """A client cancelled after a connection was assigned to it but before it ran
+    (psycopg_pool's ``test_cancelled_waiter_assigned_conn_is_reclaimed``): the
+    connection comes back, not lost and not lent twice."""
+    async with contract_pool(
+        pool_cls, postgres_server, name, min_size=min_for(pool_cls, 1), max_size=1
+    ) as pool:
+        conn = await pool.getconn()
+        pid = conn.info.backend_pid
+        got: list[int] = []
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def client() -> None:
+                with scope:
+                    async with pool.connection() as mine:
+                        got.append(mine.info.backend_pid)
+                        await trio.sleep_forever()
+
+            nursery.start_soon(client)
+            await wait_queued(pool, 1)
+            await pool.putconn(conn)  # assigned to the client: it is rescheduled...
+            scope.cancel()  # ...and cancelled before it runs
+        assert got in ([], [pid])
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.holders() == [] and pool.status().waiting == 0
+        async with pool.connection(timeout=2) as again:
+            if not is_null(pool_cls):
+                assert again.info.backend_pid == pid  # the same one, back in the pool
+
+
+async def test_hanging_connect_does_not_stretch_the_wait(
+    pool_cls: PoolClass, postgres_server: Server, tcp_proxy: TcpProxy, name: str
+) -> None:
+    """With the network blackholed, a request needing a new connection still gets
+    `PoolTimeout` at its timeout; once the network heals the pool serves."""
+    async with contract_pool(
+        pool_cls,
+        postgres_server,
+        name,
+        min_size=0,
+        max_size=1,
+        kwargs={"host": tcp_proxy.host, "port": tcp_proxy.port},
+    ) as pool:
+        tcp_proxy.blackhole()
+        started = trio.current_time()
+        with pytest.raises(PoolTimeout, match=r"after 0\.30 sec"):
+            await pool.getconn(timeout=0.3)
+        assert 0.3 <= trio.current_time() - started < 1.0
+        tcp_proxy.heal()
+        async with pool.connection(timeout=5) as conn:
             await conn.execute("SELECT 1")
 
 

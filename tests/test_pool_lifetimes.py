@@ -233,6 +233,72 @@ async def test_wait_for_min_size_or_time_out_and_close(
     await assert_settled(pool)
 
 
+# -- validation ---------------------------------------------------------------------
+
+BOTH_INVALID: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"conninfo": 3}, TypeError, "conninfo"),
+    ({"kwargs": ["host"]}, TypeError, "kwargs"),
+    ({"min_size": -1}, ValueError, "min_size"),
+    ({"max_size": -1}, ValueError, "max_size"),
+    ({"timeout": float("nan")}, ValueError, "timeout"),
+    ({"timeout": "1"}, TypeError, "timeout"),
+    ({"max_waiting": 1.5}, TypeError, "max_waiting"),
+    ({"max_lifetime": -1}, ValueError, "max_lifetime"),
+    ({"max_idle": -0.5}, ValueError, "max_idle"),
+    ({"reconnect_timeout": float("nan")}, ValueError, "reconnect_timeout"),
+    ({"leak_timeout": -1}, ValueError, "leak_timeout"),
+    ({"name": 3}, TypeError, "name"),
+    ({"reset": "x"}, TypeError, "reset"),
+    ({"check": 1}, TypeError, "check"),
+    ({"reconnect_failed": 1}, TypeError, "reconnect_failed"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "match"), BOTH_INVALID)
+def test_invalid_parameters_name_the_parameter(
+    pool_cls: PoolClass, options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Each invalid constructor argument is a clear error naming the parameter."""
+    options = dict(options)
+    conninfo = options.pop("conninfo", "")
+    with pytest.raises(error, match=match):
+        pool_cls(conninfo, **options)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "match"),
+    [((0, 0), "max_size"), ((-1, None), "min_size"), ((4, 2), "max_size")],
+)
+async def test_invalid_resize(
+    sizes: tuple[int, int | None], match: str, postgres_server: Server, name: str
+) -> None:
+    """``resize`` validates like the constructor, and a refused resize changes nothing."""
+    async with contract_pool(ConnectionPool, postgres_server, name, min_size=1) as pool:
+        with pytest.raises(ValueError, match=match):
+            await pool.resize(*sizes)
+        assert (pool.min_size, pool.max_size) == (1, 1)
+
+
+async def test_invalid_request_timeout(
+    pool_cls: PoolClass, postgres_server: Server, name: str
+) -> None:
+    """A negative request ``timeout`` is a `ValueError` naming it."""
+    async with contract_pool(
+        pool_cls, postgres_server, name, min_size=min_for(pool_cls, 1)
+    ) as pool:
+        with pytest.raises(ValueError, match="timeout"):
+            await pool.getconn(timeout=-1)
+
+
+def test_null_pool_defaults() -> None:
+    """A null pool's defaults are psycopg_pool's: sizes 0 (no limit), the rest as
+    `ConnectionPool`'s."""
+    pool = NullConnectionPool("")
+    assert (pool.min_size, pool.max_size, pool.timeout, pool.max_waiting) == (0, 0, 30.0, 0)
+    assert (pool.max_lifetime, pool.max_idle, pool.reconnect_timeout) == (3600.0, 600.0, 300.0)
+    assert pool.name.startswith("pool-") and pool.name != NullConnectionPool("").name
+
+
 # -- sizing -----------------------------------------------------------------------
 
 
@@ -342,6 +408,9 @@ async def test_check_replaces_broken_idle_connections(
         assert len(after) == 3 and victim not in after and len(after & pids) == 2
         assert pool.get_stats()["connections_lost"] == 1
         assert any("discarding broken connection" in msg for msg in pool_records(caplog, pool))
+        async with pool.connection() as conn:  # the checked ones come back as they were
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert not conn.autocommit
 
 
 async def test_null_pool_check_opens_nothing(postgres_server: Server, name: str) -> None:
