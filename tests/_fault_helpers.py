@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -199,6 +201,92 @@ async def call_server(fn: Callable[..., Any], *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args)
 
 
+# -- connection attempts ------------------------------------------------------------
+
+
+@dataclass
+class Attempt:
+    """One call of ``connection_class.connect``: when, how long, and how it ended."""
+
+    started: float
+    seconds: float
+    error: BaseException | None
+
+
+def recording_connection_class(
+    cancel_timeout: float | None = None,
+) -> tuple[type[Connection[Any]], list[Attempt]]:
+    """A `Connection` subclass, and the list where it records every connection attempt.
+
+    `cancel_timeout` overrides how long a cancelled query may take to be
+    cancelled on the server before the connection is closed.
+    """
+    recorded: list[Attempt] = []
+
+    class RecordingConnection(Connection[Any]):
+        @classmethod
+        async def connect(cls, conninfo: str = "", **kwargs: Any) -> RecordingConnection:
+            started = trio.current_time()
+            try:
+                conn = await super().connect(conninfo, **kwargs)
+            except BaseException as ex:
+                recorded.append(Attempt(started, trio.current_time() - started, ex))
+                raise
+            recorded.append(Attempt(started, trio.current_time() - started, None))
+            assert isinstance(conn, RecordingConnection)
+            return conn
+
+    if cancel_timeout is not None:
+        RecordingConnection.cancel_timeout = cancel_timeout
+    return RecordingConnection, recorded
+
+
+# -- freezing a server completely ---------------------------------------------------
+
+
+def _server_processes(server: PostgresServer) -> list[int]:
+    """The postmaster's pid and its children's (backends included)."""
+    postmaster = int((server.datadir / "postmaster.pid").read_text().split()[0])
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == postmaster:
+            children.append(int(stat.parent.name))
+    return [postmaster, *children]
+
+
+def freeze(server: PostgresServer) -> None:
+    """SIGSTOP the whole server: postmaster first (no new backend), then every child.
+
+    `PostgresServer.pause` stops the postmaster's process group only, and
+    PostgreSQL backends run in sessions of their own (``setsid``): queries on
+    existing connections would go on.  This freezes them too (Linux: /proc).
+    """
+    server.pause()
+    for pid in _server_processes(server)[1:]:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+
+
+def kill_all(server: PostgresServer) -> None:
+    """SIGKILL every server process (`PostgresServer.crash` kills the postmaster's group,
+    which the backends are not in); call ``server.crash()`` after it to reap."""
+    for pid in reversed(_server_processes(server)):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def thaw(server: PostgresServer) -> None:
+    """Undo `freeze` (SIGCONT everything)."""
+    for pid in _server_processes(server)[1:]:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    server.resume()
+
+
 # -- throwaway servers with settings of their own --------------------------------
 
 
@@ -236,8 +324,10 @@ class Outcomes:
     failed: int = 0
     closed: int = 0
     errors: Counter[str] = field(default_factory=Counter)
-    #: Longest time a request took beyond what its timeout/cancel scope allowed.
-    worst_overrun: float = 0.0
+    #: By outcome, the longest time a request took beyond what bounds it: its cancel
+    #: scope if cancelled, its timeout if timed out, else the shorter of the two.
+    #: Negative when every such request ended well within it.
+    excess: dict[str, float] = field(default_factory=dict)
     #: Instants (trio clock) at which requests were served.
     served_at: list[float] = field(default_factory=list)
 
@@ -249,8 +339,18 @@ class Outcomes:
         return (
             f"{self.started} requests: {self.served} served, {self.timed_out} timed out,"
             f" {self.cancelled} cancelled, {self.failed} failed, {self.closed} pool closed;"
-            f" errors {dict(self.errors)}; worst overrun {self.worst_overrun * 1000:.0f} ms"
+            f" errors {dict(self.errors)}; worst excess {self.excess_ms()}"
         )
+
+    def excess_ms(self) -> str:
+        return ", ".join(f"{kind} {value * 1000:+.0f} ms" for kind, value in self.excess.items())
+
+    @property
+    def worst_excess(self) -> float:
+        return max(self.excess.values(), default=-math.inf)
+
+    def _ended(self, kind: str, elapsed: float, bound: float) -> None:
+        self.excess[kind] = max(self.excess.get(kind, -math.inf), elapsed - bound)
 
     def served_since(self, instant: float) -> int:
         return sum(1 for at in self.served_at if at >= instant)
@@ -261,9 +361,11 @@ class Clients:
 
     Every connection handed out is registered under its holder while lent, so
     a connection lent to two clients at once fails the run at once.  A request
-    must end by its timeout (plus `slack`, for the query and a cancel on the
-    server) or its cancel scope; the worst overrun is recorded.
+    should end by its timeout or its cancel scope, plus `slack` (for the query,
+    and a cancel sent to the server): the worst excess is recorded, and
+    `assert_bounded` checks it.
 
+    `scope`: every request runs in a cancel scope of that many seconds.
     `chaos` (0..1) is the share of requests given a random short cancel scope
     and a random short timeout (the soak test); `manual` the share using
     getconn/putconn instead of ``connection()``.
@@ -277,6 +379,7 @@ class Clients:
         timeout: float = 1.0,  # noqa: ASYNC109
         query: str = "SELECT 1",
         pause: float = 0.002,
+        scope: float = math.inf,
         slack: float = 0.5,
         chaos: float = 0.0,
         manual: float = 0.0,
@@ -287,6 +390,7 @@ class Clients:
         self.timeout = timeout
         self.query = query
         self.pause = pause
+        self.scope = scope
         self.slack = slack
         self.chaos = chaos
         self.manual = manual
@@ -315,12 +419,12 @@ class Clients:
     async def _request(self, client: int) -> None:  # noqa: ASYNC910  # both branches await the pool
         outcomes = self.outcomes
         outcomes.started += 1
-        timeout, scope_after = self.timeout, math.inf
+        timeout, scope_after = self.timeout, self.scope
         if self.chaos and self.random.random() < self.chaos:
             timeout = self.random.uniform(0.01, self.timeout)
             scope_after = self.random.uniform(0.0, 0.05)
         start = trio.current_time()
-        allowed = min(timeout, scope_after) + self.slack
+        kind, bound = "served", min(timeout, scope_after)
         with trio.move_on_after(scope_after) as scope:  # noqa: ASYNC912  # as above
             try:
                 if self.manual and self.random.random() < self.manual:
@@ -329,17 +433,25 @@ class Clients:
                     await self._with_block(client, timeout)
             except PoolTimeout:
                 outcomes.timed_out += 1
+                kind, bound = "timed out", timeout
             except PoolClosed:
                 outcomes.closed += 1
+                kind = "closed"
             except psycopg.OperationalError as ex:
                 outcomes.failed += 1
                 outcomes.errors[type(ex).__name__] += 1
+                kind = "failed"
             else:
                 outcomes.served += 1
                 outcomes.served_at.append(trio.current_time())
         if scope.cancelled_caught:
             outcomes.cancelled += 1
-        outcomes.worst_overrun = max(outcomes.worst_overrun, trio.current_time() - start - allowed)
+            kind, bound = "cancelled", scope_after
+        outcomes._ended(kind, trio.current_time() - start, bound)
+
+    def assert_bounded(self) -> None:
+        """Every request ended by its timeout or cancel scope, plus `slack`."""
+        assert self.outcomes.worst_excess <= self.slack, self.outcomes.summary()
 
     def _take(self, conn: AnyConnection, client: int) -> None:
         other = self.holding.get(conn)
