@@ -14,7 +14,6 @@ too, so "same backend" and "new backend" mean the same thing for both.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -98,6 +97,7 @@ async def eventually(check: Callable[[], bool], within: float = 5.0) -> float:
     Fails if it does not hold within `within` seconds.
     """
     with trio.fail_after(within):
+        await trio.lowlevel.checkpoint()
         while not check():  # noqa: ASYNC110  # the state changes after network round trips
             await trio.sleep(0.01)
     return trio.current_time()
@@ -152,7 +152,7 @@ async def queued_client(
     seen = Seen()
     waiting = pool.status().waiting
 
-    async def client() -> None:
+    async def client() -> None:  # noqa: ASYNC910  # pool.connection() always checkpoints
         try:
             async with pool.connection(timeout) as conn:
                 seen.pid = conn.info.backend_pid
@@ -191,11 +191,3 @@ def pool_records(caplog: pytest.LogCaptureFixture, pool: ConnectionPool) -> list
 def capture_pool_logs(caplog: pytest.LogCaptureFixture) -> None:
     """Capture the ``triopool`` logger from INFO up."""
     caplog.set_level(logging.INFO, logger="triopool")
-
-
-def elapsed_since(start: float) -> float:
-    return trio.current_time() - start
-
-
-def approx_between(value: float, low: float, high: float = math.inf) -> bool:
-    return low <= value <= high

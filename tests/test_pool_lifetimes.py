@@ -302,7 +302,7 @@ def test_null_pool_defaults() -> None:
 # -- sizing -----------------------------------------------------------------------
 
 
-async def hold(pool: ConnectionPool, count: int, nursery: trio.Nursery) -> trio.Event:
+def hold(pool: ConnectionPool, count: int, nursery: trio.Nursery) -> trio.Event:
     """Start `count` clients that hold a connection until the returned event is set."""
     release = trio.Event()
 
@@ -325,7 +325,7 @@ async def test_grows_on_demand_up_to_max_size(
     ) as pool:
         await pool.wait(5)
         async with trio.open_nursery() as nursery:
-            release = await hold(pool, 5, nursery)
+            release = hold(pool, 5, nursery)
             await eventually(lambda: pool.status().waiting == 2 and len(pool.holders()) == 3)
             assert pool.status().size == 3
             assert await settled_backends(postgres_server, name, 3) == 3
@@ -341,7 +341,7 @@ async def test_shrinks_to_min_size_after_max_idle(postgres_server: Server, name:
         ConnectionPool, postgres_server, name, min_size=1, max_size=3, max_idle=0.3
     ) as pool:
         async with trio.open_nursery() as nursery:
-            release = await hold(pool, 3, nursery)
+            release = hold(pool, 3, nursery)
             await eventually(lambda: len(pool.holders()) == 3)
             idle_since = trio.current_time()
             release.set()
