@@ -6,9 +6,11 @@ import trio
 
 import triopool
 
+# This application's queries still running on the server.
 RUNNING_SLEEPS = """
     SELECT count(*) FROM pg_stat_activity
     WHERE state = 'active' AND query = 'SELECT pg_sleep(10)'
+      AND application_name = current_setting('application_name')
 """
 
 
