@@ -20,7 +20,7 @@ import trio.testing
 from _fake_server import FakeConnection, FakeServer, fake_check
 from _pool_checks import assert_no_leaks
 
-from triopool import ConnectionPool, NullConnectionPool, PoolTimeout
+from triopool import ConnectionPool, NullConnectionPool, PoolClosed, PoolTimeout
 
 
 @asynccontextmanager
@@ -296,3 +296,44 @@ async def test_cancelled_waiter_passes_its_connection_on(
             await trio.sleep(1.0)
             await pool.putconn(conn)  # at t=1: "first" is cancelled at 0.5/1.0 or served
         assert served == (["first", "second"] if when > 1.0 else ["second"])
+
+
+async def test_wait_on_a_ready_pool_returns_even_with_no_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = FakeServer(connect_delay=1.0)
+    async with fake_pool(server, min_size=1) as pool:
+        await pool.wait()
+        await pool.wait(timeout=0)
+        assert not pool.closed
+
+
+@pytest.mark.parametrize("pool_class", [ConnectionPool, NullConnectionPool])
+async def test_wait_refuses_a_pool_not_open_or_closed(
+    autojump_clock: trio.testing.MockClock, pool_class: type[ConnectionPool]
+) -> None:
+    server = FakeServer()
+    pool = pool_class(
+        kwargs={"server": server}, connection_class=FakeConnection, min_size=0, max_size=1
+    )
+    with pytest.raises(PoolClosed, match="not open"):
+        await pool.wait(timeout=10)
+    assert trio.current_time() == 0.0
+    async with pool:
+        pass
+    with pytest.raises(PoolClosed, match="is closed"):
+        await pool.wait(timeout=10)
+    assert server.attempts == []
+
+
+async def test_timeout_message_gives_the_requested_timeout_when_checks_fail(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = FakeServer(connect_delay=0.5)
+    async with fake_pool(server, min_size=1, check=fake_check) as pool:
+        await pool.wait()
+        server.kill_all()
+        server.down = True
+        with pytest.raises(PoolTimeout, match=r"after 2.00 sec"):
+            await pool.getconn(timeout=2.0)
+        server.down = False

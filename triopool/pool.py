@@ -416,9 +416,14 @@ class ConnectionPool:
         Raises:
             PoolTimeout: not ready in time; the pool is then closed and the
                 last connection error, if any, is the ``__cause__``.
-            PoolClosed: the pool is closed.
+            PoolClosed: the pool is closed or not open.
         """
-        with trio.move_on_after(_check_seconds("timeout", timeout)) as scope:
+        wait_for = _check_seconds("timeout", timeout)
+        self._check_open()
+        if self._ready_count() >= self._policy.min_size:
+            await checkpoint()
+            return
+        with trio.move_on_after(wait_for) as scope:
             while self._ready_count() < self._policy.min_size:
                 if self.closed:
                     raise PoolClosed(f"the pool {self.name!r} is closed")
@@ -430,6 +435,12 @@ class ConnectionPool:
             raise PoolTimeout(f"pool initialization incomplete after {timeout} sec") from (
                 cause if isinstance(cause, BaseException) else None
             )
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise PoolClosed(f"the pool {self.name!r} is closed")
+        if not self._opened:
+            raise PoolClosed(f"the pool {self.name!r} is not open")
 
     def _ready_count(self) -> int:
         return sum(
@@ -482,7 +493,7 @@ class ConnectionPool:
         deadline = now + wait_for
         task = current_task()
         while True:  # noqa: ASYNC913  # each turn awaits the policy or the check
-            got = self._request(task, now, deadline)
+            got = self._request(task, now, deadline, wait_for)
             if isinstance(got, int):
                 slot = got
                 if self._check is None:
@@ -522,14 +533,16 @@ class ConnectionPool:
         else:
             self._leases[slot] = (task, now, None)
 
-    def _request(self, task: Task, now: float, deadline: float) -> int | list[Action[Task]]:
+    def _request(
+        self, task: Task, now: float, deadline: float, wait_for: float
+    ) -> int | list[Action[Task]]:
         """Ask the policy for a slot for `task` (see `getconn`)."""
         if self._nursery is None:
             raise PoolClosed(f"the pool {self.name!r} is not open")
         try:
             return self._policy.request(task, now, deadline)
         except WaitTimeout:
-            raise self._timeout_error(deadline - now) from None
+            raise self._timeout_error(wait_for) from None
         except PolicyClosed:
             raise PoolClosed(f"the pool {self.name!r} is closed") from None
         except QueueFull:
@@ -1049,9 +1062,12 @@ class NullConnectionPool(ConnectionPool):
         Raises:
             PoolTimeout: it could not be opened in time (the pool is closed;
                 the connection error is the ``__cause__``).
+            PoolClosed: the pool is closed or not open.
         """
+        wait_for = _check_seconds("timeout", timeout)
+        self._check_open()
         error: BaseException | None = None
-        with trio.move_on_after(_check_seconds("timeout", timeout)) as scope:  # noqa: ASYNC912  # the connection attempt is the cancel point
+        with trio.move_on_after(wait_for) as scope:  # noqa: ASYNC912  # the connection attempt is the cancel point
             try:
                 conn = await self._connect()
             except Exception as ex:
