@@ -33,6 +33,8 @@ __all__ = [
 BINDIR_ENV = "TRIOPOOL_PG_BINDIR"
 DIR_PREFIX = "triopool-pg-"
 OWNER_FILE = "owner.pid"
+#: Pid file of a helper process (e.g. PgBouncer) in such a folder, killed by `reap_orphans`.
+PIDFILE_NAME = "process.pid"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 _REQUIRED = ("initdb", "postgres", "pg_ctl")
@@ -121,6 +123,40 @@ def _free_port() -> int:
         return port
 
 
+def _spawn_as(
+    user: pwd.struct_passwd | None, args: list[str], log: IO[bytes], cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start `args` in its own session, as `user` if given, without PG* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if user is not None:
+        env["HOME"] = str(cwd)
+    return subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        user=None if user is None else user.pw_uid,
+        group=None if user is None else user.pw_gid,
+        extra_groups=None if user is None else [],
+    )
+
+
+def _make_owned_dir(user: pwd.struct_passwd | None) -> Path:
+    """A new ``/tmp/triopool-pg-*`` folder recording its owner pid (for `reap_orphans`).
+
+    As root, it belongs to `user` and is world-traversable.
+    """
+    base = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir="/tmp"))
+    (base / OWNER_FILE).write_text(str(os.getpid()))
+    if user is not None:
+        os.chmod(base, 0o755)
+        os.chown(base, user.pw_uid, user.pw_gid)
+    return base
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -135,7 +171,8 @@ def reap_orphans() -> int:
     """Remove throwaway servers left by killed processes; return how many.
 
     A folder ``/tmp/triopool-pg-*`` whose ``owner.pid`` names a dead process
-    has its postmaster (from ``postmaster.pid``) killed and is deleted.
+    has its postmaster (from ``postmaster.pid``) and helper process (from
+    ``process.pid``, e.g. PgBouncer) killed, and is deleted.
     """
     reaped = 0
     for folder in Path(tempfile.gettempdir()).glob(DIR_PREFIX + "*"):
@@ -145,7 +182,7 @@ def reap_orphans() -> int:
             continue
         if _pid_alive(owner):
             continue
-        for pidfile in folder.glob("*/postmaster.pid"):
+        for pidfile in [*folder.glob("*/postmaster.pid"), *folder.glob(PIDFILE_NAME)]:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 os.killpg(int(pidfile.read_text().splitlines()[0]), signal.SIGKILL)
         shutil.rmtree(folder, ignore_errors=True)
@@ -373,34 +410,20 @@ class PostgresServer(_AdminQueries):
 
     def _spawn(self, args: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
         """Start `args` as the server's user, in its folder, without PG* variables."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        user = self._user
-        if user is not None:
-            env["HOME"] = str(self.basedir)
-        return subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=self.basedir,
-            env=env,
-            start_new_session=True,
-            user=None if user is None else user.pw_uid,
-            group=None if user is None else user.pw_gid,
-            extra_groups=None if user is None else [],
-        )
+        return _spawn_as(self._user, args, log, self.basedir)
 
-    def _init(self) -> None:
-        bindir = self.bindir
-        base = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir="/tmp"))
-        self._base = base
-        (base / OWNER_FILE).write_text(str(os.getpid()))
+    def _make_basedir(self) -> None:
+        """Create the server's folder (socket folder and log file included)."""
+        self._base = _make_owned_dir(self._user)
         self.sockdir.mkdir()
         self.logfile.touch()
         if self._user is not None:
-            os.chmod(base, 0o755)
-            for path in (base, self.sockdir, self.logfile):
+            for path in (self.sockdir, self.logfile):
                 os.chown(path, self._user.pw_uid, self._user.pw_gid)
+
+    def _init(self) -> None:
+        bindir = self.bindir
+        self._make_basedir()
         initdb = [str(bindir / "initdb"), "-D", str(self.datadir), "-E", "UTF8"]
         initdb += ["--locale=C", "-N", "--auth=trust", "-U", "postgres"]
         with open(self.logfile, "ab") as log:
