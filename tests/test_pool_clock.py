@@ -145,7 +145,7 @@ async def test_reconnect_backoff_doubles_and_reconnect_failed_at_reconnect_timeo
     server = FakeServer(down=True)
     failed_at: list[float] = []
 
-    async def reconnect_failed(pool: ConnectionPool) -> None:
+    async def reconnect_failed(pool: ConnectionPool) -> None:  # noqa: ASYNC124, ASYNC910  # a reconnect_failed callback
         failed_at.append(trio.current_time())
 
     async with fake_pool(

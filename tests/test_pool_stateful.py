@@ -164,13 +164,13 @@ class PoolMachine(RuleBasedStateMachine):
                 conn = await self.pool.getconn(wait_for)
             except PoolTimeout:
                 client.state = "timed_out"
-                return
+                return  # noqa: ASYNC910  # after a failed request
             except TooManyRequests:
                 client.state = "rejected"
-                return
+                return  # noqa: ASYNC910  # after a failed request
             except PoolClosed:
                 client.state = "refused"
-                return
+                return  # noqa: ASYNC910  # after a failed request
             assert isinstance(conn, FakeConnection)
             self._granted(client, conn)
             try:
@@ -219,7 +219,7 @@ class PoolMachine(RuleBasedStateMachine):
         client = Client(next(self.ids), now, now + (POOL_TIMEOUT if timeout is None else timeout))
         self.clients.append(client)
 
-        async def start() -> None:
+        async def start() -> None:  # noqa: ASYNC124, ASYNC910  # runs as a step in trio
             self.trio.nursery.start_soon(self._client, client, timeout, name=f"client-{client.id}")
 
         self.trio.step(start)
@@ -280,14 +280,14 @@ class PoolMachine(RuleBasedStateMachine):
 
     @staticmethod
     def _set(event: trio.Event) -> Callable[[], Awaitable[None]]:
-        async def set_() -> None:
+        async def set_() -> None:  # noqa: ASYNC124, ASYNC910  # runs as a step in trio
             event.set()
 
         return set_
 
     @staticmethod
     def _cancel(scope: trio.CancelScope) -> Callable[[], Awaitable[None]]:
-        async def cancel() -> None:
+        async def cancel() -> None:  # noqa: ASYNC124, ASYNC910  # runs as a step in trio
             scope.cancel()
 
         return cancel
@@ -346,19 +346,19 @@ class PoolMachine(RuleBasedStateMachine):
         finally:
             self.trio.stop()
 
-    async def _autojump(self) -> None:
+    async def _autojump(self) -> None:  # noqa: ASYNC910  # runs as a step in trio
         # Set in the trio thread: the run loop learns of it only there.
         self.clock.autojump_threshold = 0
 
-    async def _clients_ended(self) -> None:
+    async def _clients_ended(self) -> None:  # noqa: ASYNC910  # runs as a step in trio
         """Clients still checking a connection end their check, then return it."""
-        with trio.fail_after(3600):
+        with trio.fail_after(3600):  # noqa: ASYNC912  # the loop sleeps
             while unfinished := [c for c in self.clients if c.state in ("waiting", "holding")]:
                 for client in unfinished:
                     client.give_back.set()
                 await trio.sleep(CHECK_TIME)
 
-    async def _assert_no_leaks(self) -> None:
+    async def _assert_no_leaks(self) -> None:  # noqa: ASYNC910  # runs as a step in trio
         assert_no_leaks(self.pool)
 
 
