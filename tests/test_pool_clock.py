@@ -247,9 +247,14 @@ async def test_leak_warning_at_leak_timeout(
     handler = Clocked()
     logging.getLogger("triopool").addHandler(handler)
     try:
-        async with fake_pool(server, min_size=1, leak_timeout=30.0, name="leaky") as pool:
+        async with fake_pool(
+            server, min_size=1, max_size=2, leak_timeout=30.0, name="leaky"
+        ) as pool:
             conn = await pool.getconn()
-            await trio.sleep(45)
+            await trio.sleep(40)
+            async with pool.connection():  # not leaked: its return logs nothing
+                pass
+            await trio.sleep(5)
             assert logged_at == {"WARNING": 30.0}
             await pool.putconn(conn)
     finally:

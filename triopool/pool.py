@@ -426,6 +426,8 @@ class ConnectionPool:
         with trio.move_on_after(wait_for) as scope:
             while self._ready_count() < self._policy.min_size:
                 if self.closed:
+                    # Closed by the cancellation that also ends this wait: Cancelled wins.
+                    await checkpoint_if_cancelled()
                     raise PoolClosed(f"the pool {self.name!r} is closed")
                 await self._changed.wait()
             await checkpoint()
@@ -617,7 +619,7 @@ class ConnectionPool:
     def _returned(self, slot: int, conn: AnyConnection, result: Outcome) -> None:
         """Bookkeeping of a connection given back by its user."""
         task, lent_at, _ = self._leases.pop(slot)
-        if self._leaks_reported:
+        if slot in self._leaks_reported:
             self._leaks_reported.discard(slot)
             self._log(
                 logging.INFO,
