@@ -31,6 +31,7 @@ import trio
 from _pool_checks import Server, app_name, assert_settled, settled_backends
 
 from triopool import ConnectionPool
+from triopool.testing import PgBouncer, PostgresServer, StandbyServer, multi_host_conninfo
 
 pytest_plugins = ["pytester"]
 
@@ -329,3 +330,41 @@ def test_scan_accepts_examples_shell_and_comments() -> None:
     scan = _scan(text)
     assert scan.problems == []
     assert scan.included == {EXAMPLES / EXAMPLE}
+
+
+# -- examples against real PgBouncer and a real standby ---------------------------------------
+
+
+def test_pgbouncer_example_through_pgbouncer(
+    pgbouncer_factory: Callable[..., PgBouncer],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The PgBouncer how-to's program works through a real PgBouncer in transaction mode with
+    a single server connection, where automatic prepared statements would collide."""
+    bouncer = pgbouncer_factory(pool_mode="transaction", default_pool_size=1)
+    program = EXAMPLES / "howto_pgbouncer.py"
+    pools = record_pools(monkeypatch)
+    monkeypatch.setattr(sys, "argv", [str(program), bouncer.conninfo()])
+    runpy.run_path(str(program), run_name="__main__")
+    assert capsys.readouterr().out == program.with_suffix(".out").read_text()
+    # PgBouncer keeps its server connections: the leak check is the pool's books and
+    # PgBouncer's own list of clients.
+    for pool in pools:
+        assert pool.closed
+        trio.run(assert_settled, pool)
+    clients = [row for row in bouncer.admin("SHOW CLIENTS") if row["database"] != "pgbouncer"]
+    assert clients == []
+
+
+async def test_read_write_split_with_a_real_standby(
+    replica_pair: tuple[PostgresServer, StandbyServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a streaming standby among the hosts, the recipe's read pool lands on it."""
+    primary, standby = replica_pair
+    example = runpy.run_path(str(EXAMPLES / "howto_failover.py"))
+    name = app_name("docs")
+    await example["read_write_split"](multi_host_conninfo(standby, primary, application_name=name))
+    assert capsys.readouterr().out == "writes go to the primary\nreads go to the standby\n"
+    for server in (primary, standby):
+        assert await settled_backends(server, name, 0) == 0
