@@ -265,7 +265,8 @@ async def ride_out_a_hang(
     break_: Callable[[], Awaitable[object]],
     heal: Callable[[], Awaitable[object]],
 ) -> float:
-    """Freeze the path to the server until a connection attempt has timed out; heal it.
+    """Freeze the path to the server until a connection attempt and a request have
+    timed out; heal it.
 
     Return how long it was broken.
     """
@@ -275,9 +276,12 @@ async def ride_out_a_hang(
     await break_()
     try:
         await until(
-            lambda: any(isinstance(a.error, errors.ConnectionTimeout) for a in attempts),
+            lambda: (
+                any(isinstance(a.error, errors.ConnectionTimeout) for a in attempts)
+                and outcomes.timed_out > timed_out
+            ),
             10,
-            "a connection attempt timed out",
+            "a connection attempt and a request timed out",
         )
     finally:
         with trio.move_on_after(5, shield=True):  # heal even if the wait failed
