@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import psycopg
 import pytest
 
-from ._pgbouncer import PgBouncer
+from ._pgbouncer import PgBouncer, find_pgbouncer
 from ._proxy import TcpProxy, open_tcp_proxy
 from ._replica import StandbyServer
 from ._server import ExternalServer, PostgresServer, ServerUnavailable
@@ -133,6 +133,11 @@ def pgbouncer_factory(
     With ``TRIOPOOL_TEST_DSN`` set, PgBouncer logs into that server with the
     DSN's user, password and database.
     """
+    try:
+        binary = find_pgbouncer()  # now: a skip from inside a trio test would lose its reason
+    except ServerUnavailable as error:
+        _unavailable(error, "pgbouncer")
+        raise  # not reached: skip/fail raise
     params = psycopg.conninfo.conninfo_to_dict(postgres_server.conninfo())
     login: dict[str, str] = {"user": str(params.get("user", "postgres"))}
     if "password" in params:
@@ -142,12 +147,10 @@ def pgbouncer_factory(
     started: list[PgBouncer] = []
 
     def factory(**options: object) -> PgBouncer:
-        bouncer = PgBouncer(postgres_server.host, postgres_server.port, **{**login, **options})  # type: ignore[arg-type]
+        options = {"binary": binary, **login, **options}
+        bouncer = PgBouncer(postgres_server.host, postgres_server.port, **options)  # type: ignore[arg-type]
         started.append(bouncer)
-        try:
-            bouncer.start()
-        except ServerUnavailable as error:
-            _unavailable(error, "pgbouncer")
+        bouncer.start()
         return bouncer
 
     try:
