@@ -9,7 +9,7 @@ it says whether the listener's connection is there or gone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import psycopg
 import pytest
@@ -188,6 +188,52 @@ async def test_channel_changes_lose_nothing_in_flight(postgres_server: Server, n
         await assert_settled(pool, postgres_server, name)
 
 
+async def test_concurrent_channel_changes_all_return(postgres_server: Server, name: str) -> None:
+    """Many tasks calling ``listen()`` and ``unlisten()`` at once all return (each
+    once its change is applied: a change queued behind another used to wait
+    forever), and the server then listens on exactly the channels left."""
+    channels = [f"tp_conc_{i}" for i in range(10)]
+    async with open_listening_pool(postgres_server, name) as pool:
+        async with pool.listener("tp_conc_base") as notifications:
+            with trio.fail_after(WITHIN):
+                async with trio.open_nursery() as nursery:
+                    for channel in channels:
+                        nursery.start_soon(notifications.listen, channel)
+                async with trio.open_nursery() as nursery:
+                    for channel in channels[::2]:
+                        nursery.start_soon(notifications.unlisten, channel)
+            kept = channels[1::2]
+            assert sorted(notifications.channels) == sorted(["tp_conc_base", *kept])
+            sent = [(channel, "x") for channel in ["tp_conc_base", *channels]]
+            await send(postgres_server, *sent)
+            # Sent in one transaction: delivered in order, the unlistened ones skipped.
+            expected = [pair for pair in sent if pair[0] in notifications.channels]
+            assert pairs(await receive(notifications, len(expected))) == expected
+        await assert_settled(pool, postgres_server, name)
+
+
+async def expect_ended(change: Callable[[str], Awaitable[None]], channel: str) -> None:
+    """`change` (``listen`` or ``unlisten``) raises `trio.ClosedResourceError`, at once."""
+    with trio.fail_after(WITHIN), pytest.raises(trio.ClosedResourceError):
+        await change(channel)
+
+
+async def test_channel_changes_after_the_end_raise(postgres_server: Server, name: str) -> None:
+    """Once the listener's block is left, or the pool closed, ``listen()`` and
+    ``unlisten()`` raise `trio.ClosedResourceError` (they used to hang forever)."""
+    async with open_listening_pool(postgres_server, name) as pool:
+        async with pool.listener("tp_end") as left:
+            pass
+        await expect_ended(left.listen, "tp_end_2")
+        await expect_ended(left.unlisten, "tp_end")
+        async with pool.listener("tp_end") as notifications:
+            await pool.close()
+            assert [item async for item in notifications] == []
+            await expect_ended(notifications.listen, "tp_end_2")
+            await expect_ended(notifications.unlisten, "tp_end")
+        await assert_settled(pool, postgres_server, name)
+
+
 async def expect_reconnection(
     notifications: Notifications, server: Server, listening: Sequence[str], silent: Sequence[str]
 ) -> None:
@@ -225,8 +271,10 @@ async def test_reconnects_after_server_restart_and_close_ends_iteration_while_do
     private_server: PostgresServer, name: str
 ) -> None:
     """A server restart: the listener reconnects (with the pool's backoff), yields
-    a gap and listens again on every channel.  Then, with the server down, closing
-    the pool ends the iteration at once, and nothing is left behind."""
+    a gap and listens again on every channel.  Then, with the server down, a
+    ``listen()`` waits for the reconnection; closing the pool ends the iteration
+    at once, that ``listen()`` raises `trio.ClosedResourceError` (it used to hang
+    forever), and nothing is left behind."""
     async with open_listening_pool(private_server, name) as pool:
         async with pool.listener("tp_rs_a", "tp_rs_b") as notifications:
             await send(private_server, ("tp_rs_a", "before"))
@@ -238,6 +286,8 @@ async def test_reconnects_after_server_restart_and_close_ends_iteration_while_do
             # The listener notices, then keeps retrying with backoff.
             await until(lambda: notifications._last_error is not None, WITHIN, "connect failed")
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(expect_ended, notifications.listen, "tp_rs_c")
+                await trio.testing.wait_all_tasks_blocked()
                 nursery.start_soon(pool.close)
                 with trio.fail_after(WITHIN):
                     rest = [item async for item in notifications]

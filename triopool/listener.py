@@ -84,23 +84,40 @@ class Notifications:
 
         Returns once the server is listening, so that a NOTIFY sent
         afterwards is received.  Checkpoints.
+
+        Raises:
+            trio.ClosedResourceError: the listener has ended (its block was
+                left, or the pool closed).
         """
         await self._change("LISTEN", channel)
 
     async def unlisten(self, channel: str) -> None:
-        """Stop listening to `channel`.  Checkpoints."""
+        """Stop listening to `channel`.  Checkpoints.
+
+        Raises:
+            trio.ClosedResourceError: the listener has ended.
+        """
         await self._change("UNLISTEN", channel)
 
     async def _change(self, command: str, channel: str) -> None:
+        if self._ended:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError("the listener has ended")
         if command == "LISTEN" and channel not in self._channels:
             self._channels.append(channel)
         elif command == "UNLISTEN" and channel in self._channels:
             self._channels.remove(channel)
         self._changes.append((command, channel))
-        self._listening = trio.Event()
+        # Callers whose changes are still pending share one event: the relay
+        # applies every queued change before setting it.
+        if self._listening.is_set():
+            self._listening = trio.Event()
+        listening = self._listening
         if self._interrupt_scope is not None:
             self._interrupt_scope.cancel()
-        await self._listening.wait()
+        await listening.wait()
+        if self._ended:
+            raise trio.ClosedResourceError("the listener has ended")
 
     def __aiter__(self) -> Notifications:
         return self
@@ -196,6 +213,7 @@ async def open_listener(
             try:
                 yield notifications
             finally:
+                notifications._end()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         single = single_exception(group)
