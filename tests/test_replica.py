@@ -19,7 +19,7 @@ import trio
 from _fault_helpers import settle, until
 from _pool_checks import app_name, assert_settled, backends, settled_backends
 
-from triopool import Connection, ConnectionPool, NullConnectionPool, PoolTimeout
+from triopool import Connection, ConnectionPool, ListenerGap, NullConnectionPool, PoolTimeout
 from triopool.testing import PostgresServer, StandbyServer, multi_host_conninfo
 from triopool.testing.pytest_plugin import started_replica_pair
 
@@ -166,6 +166,20 @@ async def test_null_pool_reads_from_the_standby(pair: Pair, name: str) -> None:
     await assert_settled(pool, standby, name)
 
 
+async def test_listener_needs_the_primary(pair: Pair, name: str) -> None:
+    """A listener whose pool lands on the standby fails to enter with the server's
+    own error (LISTEN is refused during recovery): a clear error, not silence."""
+    primary, standby = pair
+    conninfo = multi_host_conninfo(
+        primary, standby, target_session_attrs="standby", application_name=name
+    )
+    async with ConnectionPool(conninfo, min_size=0, max_size=1) as pool:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="during recovery"):
+            async with pool.listener("tp_on_standby"):
+                raise AssertionError("not reached")
+        await assert_settled(pool, standby, name)
+
+
 # -- failover --------------------------------------------------------------------
 
 
@@ -206,7 +220,8 @@ async def test_failover_to_promoted_standby_under_load(replica_pair: Pair, name:
     """Primary stopped, standby promoted, four clients writing all along: a
     read-write pool (with ``check``) is serving on the new primary within its
     reconnect backoff, and no client is ever handed a connection to a read-only
-    server (each one probes every connection it gets)."""
+    server (each one probes every connection it gets).  The pool's listener
+    reconnects to the new primary too, with one gap."""
     primary, standby = replica_pair
     table = f"tp_failover_{name}"
     await trio.to_thread.run_sync(
@@ -220,18 +235,38 @@ async def test_failover_to_promoted_standby_under_load(replica_pair: Pair, name:
         conninfo, min_size=2, max_size=4, check=ConnectionPool.check_connection
     ) as pool:
         writers = Writers(pool, table)
-        async with trio.open_nursery() as nursery:
-            for client in range(4):
-                nursery.start_soon(writers.client, client)
-            await until(lambda: writers.served_on(primary.port) >= 20, 10, "served on primary")
+        gaps: list[float] = []
+        async with pool.listener("tp_failover") as notifications:
 
-            lost_at = trio.current_time()
-            await trio.to_thread.run_sync(primary.stop)
-            promote_started = trio.current_time()
-            await trio.to_thread.run_sync(standby.promote)
-            promoted_at = trio.current_time()
-            await until(lambda: writers.served_on(standby.port) >= 20, 15, "served on new primary")
-            nursery.cancel_scope.cancel()
+            async def watch() -> None:
+                async for item in notifications:
+                    assert item == ListenerGap("reconnected")
+                    gaps.append(trio.current_time())
+
+            async with trio.open_nursery() as nursery:
+                for client in range(4):
+                    nursery.start_soon(writers.client, client)
+                nursery.start_soon(watch)
+                await until(lambda: writers.served_on(primary.port) >= 20, 10, "served on primary")
+
+                lost_at = trio.current_time()
+                await trio.to_thread.run_sync(primary.stop)
+                promote_started = trio.current_time()
+                await trio.to_thread.run_sync(standby.promote)
+                promoted_at = trio.current_time()
+                await until(
+                    lambda: writers.served_on(standby.port) >= 20 and bool(gaps),
+                    15,
+                    "served on new primary, listener reconnected",
+                )
+                nursery.cancel_scope.cancel()
+            # The listener listens on the new primary.
+            await trio.to_thread.run_sync(standby.execute, "NOTIFY tp_failover, 'promoted'")
+            with trio.fail_after(10):
+                item = await anext(notifications)
+            assert isinstance(item, psycopg.Notify) and item.payload == "promoted"
+        assert len(gaps) == 1
+        print(f"\nlistener back {gaps[0] - lost_at:.3f} s after the primary went away")
 
         recovered_at = writers.first_on(standby.port)
         recovery = recovered_at - promoted_at
