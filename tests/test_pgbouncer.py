@@ -18,6 +18,7 @@ from _fault_helpers import clients_running, quiesce, serves, until
 from _pool_checks import Server, app_name, assert_settled, backends, settled_backends
 
 from triopool import Connection, ConnectionPool, ListenerGap
+from triopool.listener import Notifications
 from triopool.testing import PgBouncer
 
 Factory = Callable[..., PgBouncer]
@@ -201,6 +202,14 @@ async def test_pgbouncer_restart(pgbouncer_factory: Factory, name: str) -> None:
     await settled_through(pool, bouncer, name)
 
 
+async def next_payload(notifications: Notifications) -> str:
+    """The payload of the next item, which must be a notification (within 10 s)."""
+    with trio.fail_after(10):
+        item = await anext(notifications)
+    assert isinstance(item, psycopg.Notify), item
+    return item.payload
+
+
 def notifications_to(conn: Connection[Any]) -> list[psycopg.Notify]:
     """Record the notifications `conn` receives (psycopg's notify handler)."""
     received: list[psycopg.Notify] = []
@@ -236,9 +245,7 @@ async def test_listener_through_transaction_mode_is_deaf_and_the_bypass(
             async with direct, direct.listener("tp_bounced") as direct_notifications:
                 async with pool.connection() as conn:
                     await conn.execute("NOTIFY tp_bounced, 'bypass'")
-                with trio.fail_after(10):
-                    item = await anext(direct_notifications)
-                assert isinstance(item, psycopg.Notify) and item.payload == "bypass"
+                assert await next_payload(direct_notifications) == "bypass"
             await assert_settled(direct)
         await settled_through(pool, bouncer, name)
     await settled_through(pool, bouncer, name)
@@ -255,16 +262,12 @@ async def test_listener_through_session_mode(
         async with pool.listener("tp_session") as notifications:
             assert await settled_backends(postgres_server, name, 1) == 1
             await trio.to_thread.run_sync(postgres_server.execute, "NOTIFY tp_session, 'one'")
-            with trio.fail_after(10):
-                item = await anext(notifications)
-            assert isinstance(item, psycopg.Notify) and item.payload == "one"
+            assert await next_payload(notifications) == "one"
             await trio.to_thread.run_sync(postgres_server.terminate_backends, name)
             with trio.fail_after(10):
                 assert await anext(notifications) == ListenerGap("reconnected")
             await trio.to_thread.run_sync(postgres_server.execute, "NOTIFY tp_session, 'two'")
-            with trio.fail_after(10):
-                item = await anext(notifications)
-            assert isinstance(item, psycopg.Notify) and item.payload == "two"
+            assert await next_payload(notifications) == "two"
         assert await backends(postgres_server, name) <= 1  # PgBouncer keeps it, idle
         await settled_through(pool, bouncer, name)
     await settled_through(pool, bouncer, name)
