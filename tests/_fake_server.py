@@ -32,7 +32,18 @@ class FakePGconn:
 
     def __init__(self) -> None:
         self.status = OK
-        self.transaction_status = pq.TransactionStatus.IDLE
+        self._transaction_status = pq.TransactionStatus.IDLE
+
+    @property
+    def transaction_status(self) -> pq.TransactionStatus:
+        """As libpq's: UNKNOWN unless the connection is OK."""
+        if self.status != OK:
+            return pq.TransactionStatus.UNKNOWN
+        return self._transaction_status
+
+    @transaction_status.setter
+    def transaction_status(self, status: pq.TransactionStatus) -> None:
+        self._transaction_status = status
 
     @property
     def socket(self) -> int:

@@ -14,12 +14,10 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -239,52 +237,6 @@ def recording_connection_class(
     if cancel_timeout is not None:
         RecordingConnection.cancel_timeout = cancel_timeout
     return RecordingConnection, recorded
-
-
-# -- freezing a server completely ---------------------------------------------------
-
-
-def _server_processes(server: PostgresServer) -> list[int]:
-    """The postmaster's pid and its children's (backends included)."""
-    postmaster = int((server.datadir / "postmaster.pid").read_text().split()[0])
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[1]) == postmaster:
-            children.append(int(stat.parent.name))
-    return [postmaster, *children]
-
-
-def freeze(server: PostgresServer) -> None:
-    """SIGSTOP the whole server: postmaster first (no new backend), then every child.
-
-    `PostgresServer.pause` stops the postmaster's process group only, and
-    PostgreSQL backends run in sessions of their own (``setsid``): queries on
-    existing connections would go on.  This freezes them too (Linux: /proc).
-    """
-    server.pause()
-    for pid in _server_processes(server)[1:]:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)
-
-
-def kill_all(server: PostgresServer) -> None:
-    """SIGKILL every server process (`PostgresServer.crash` kills the postmaster's group,
-    which the backends are not in); call ``server.crash()`` after it to reap."""
-    for pid in reversed(_server_processes(server)):
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def thaw(server: PostgresServer) -> None:
-    """Undo `freeze` (SIGCONT everything)."""
-    for pid in _server_processes(server)[1:]:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-    server.resume()
 
 
 # -- throwaway servers with settings of their own --------------------------------

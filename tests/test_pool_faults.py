@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -28,14 +29,11 @@ from _fault_helpers import (
     call_server,
     clients_running,
     custom_server,
-    freeze,
-    kill_all,
     live_at_min_size,
     pool_pids,
     quiesce,
     recording_connection_class,
     settle,
-    thaw,
     until,
 )
 from _pool_checks import Server, app_name, backends
@@ -68,7 +66,7 @@ def server(fault_server: PostgresServer) -> Iterator[PostgresServer]:
     """The module's throwaway server; running (and not frozen) again after the test."""
     yield fault_server
     if fault_server.running:
-        thaw(fault_server)
+        fault_server.resume()
     else:
         fault_server.start()
 
@@ -220,10 +218,9 @@ async def test_lent_backend_terminated_mid_query(
 async def restart(server: PostgresServer, mode: str) -> None:
     """Stop the server (`mode`: a shutdown mode, or a crash), and start it again."""
     if mode == "crash":  # SIGKILL of the postmaster: the backends exit when they notice
-        await call_server(server.crash)
+        await call_server(partial(server.crash, postmaster_only=True))
     elif mode == "crash-all":  # SIGKILL of every server process
-        await call_server(kill_all, server)
-        await call_server(server.crash)  # reaps the postmaster
+        await call_server(server.crash)
     else:
         await call_server(server.stop, mode)
     await call_server(server.start)
@@ -330,7 +327,7 @@ async def hang_pool(
 
 
 async def test_server_frozen(server: PostgresServer) -> None:
-    """Server frozen (SIGSTOP of every server process, see `_fault_helpers.freeze`):
+    """Server frozen (SIGSTOP of every server process):
     requests end at their timeouts and cancel scopes (plus ``cancel_timeout`` for a query
     cut by its scope), connects at ``connect_timeout``; the pool recovers after SIGCONT."""
     name = app_name("tp_fault_frozen")
@@ -340,8 +337,8 @@ async def test_server_frozen(server: PostgresServer) -> None:
             load,
             attempts,
             HANG_CONNECT_TIMEOUT,
-            lambda: call_server(freeze, server),
-            lambda: call_server(thaw, server),
+            lambda: call_server(server.pause),
+            lambda: call_server(server.resume),
         )
         during = load.outcomes.summary()
         served, refilled = await recovery(pool, load, server, name)

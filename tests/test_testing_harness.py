@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -113,6 +114,16 @@ def process_state(pid: int) -> str | None:
 
 def dead(pid: int) -> bool:
     return process_state(pid) in (None, "Z")
+
+
+def eventually_dead(pid: int, within: float = 5.0) -> bool:
+    """Whether `pid` is dead, or dies within `within` seconds (checked every 10 ms)."""
+    deadline = time.monotonic() + within
+    while not dead(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 async def fetch(conn: Connection, query: str) -> object:
@@ -276,25 +287,27 @@ async def test_lifecycle_stop_modes_restart_cleanup() -> None:
     server.cleanup()  # idempotent
 
 
-async def test_crash_then_recovery(private_server: PostgresServer) -> None:
-    """`crash` SIGKILLs the server: clients lose their connection, committed rows survive,
-    and the next `start` runs crash recovery."""
+@pytest.mark.parametrize("postmaster_only", [False, True])
+async def test_crash_then_recovery(private_server: PostgresServer, postmaster_only: bool) -> None:
+    """`crash` SIGKILLs every server process (backends run in sessions of their own, so
+    not only the postmaster's process group); with ``postmaster_only`` the backends end
+    when they notice.  Committed rows survive, and the next `start` runs crash recovery."""
     server = private_server
     server.execute("CREATE TABLE survivor (x int)")
     server.execute("INSERT INTO survivor VALUES (42)")
     postmaster = postmaster_pid(server)
     async with connected(server.conninfo()) as client:
+        backend = client.info.backend_pid
         offset = log_size(server)
-        await trio.to_thread.run_sync(server.crash)
+        if not postmaster_only:
+            # A stopped backend cannot end by itself: only crash's SIGKILL can end it.
+            await trio.to_thread.run_sync(server.pause)
+        await trio.to_thread.run_sync(partial(server.crash, postmaster_only=postmaster_only))
         assert not server.running
         assert dead(postmaster)
-        # The idle backend exits once it notices its postmaster is gone.
-        with trio.fail_after(5):  # noqa: ASYNC912  # each try awaits a query
-            while True:
-                try:
-                    await client.execute("SELECT 1")
-                except psycopg.OperationalError:
-                    break
+        await poll(lambda: dead(backend))  # postmaster_only: once it notices
+        with pytest.raises(psycopg.OperationalError):
+            await client.execute("SELECT 1")
     await trio.to_thread.run_sync(server.start)
     log = log_since(server, offset)
     assert "shutdown request" not in log  # nothing was asked to shut down: it was killed
@@ -304,26 +317,34 @@ async def test_crash_then_recovery(private_server: PostgresServer) -> None:
 
 
 async def test_pause_then_resume(private_server: PostgresServer) -> None:
-    """While paused the server is frozen (SIGSTOP): connecting and querying time out; after
-    `resume` the same work succeeds."""
+    """While paused every server process is stopped (SIGSTOP), backends included: new
+    connections and queries on open ones hang until cancelled; after `resume` the same
+    work succeeds."""
     server = private_server
     postmaster = postmaster_pid(server)
 
-    async def query() -> object:
-        async with connected(server.conninfo()) as conn:
+    async def query(conn: Connection | None = None) -> object:
+        if conn is not None:
             return await fetch(conn, "SELECT 1")
+        async with connected(server.conninfo()) as new:
+            return await fetch(new, "SELECT 1")
 
-    await trio.to_thread.run_sync(server.pause)  # (if this test fails, cleanup resumes it)
-    await poll(lambda: process_state(postmaster) == "T")  # stopped: signals are asynchronous
-    start = trio.current_time()
-    with trio.move_on_after(0.3) as scope:
-        await query()
-    assert scope.cancelled_caught
-    assert trio.current_time() - start >= 0.3
-    await trio.to_thread.run_sync(server.resume)
-    await poll(lambda: process_state(postmaster) != "T")
-    with trio.fail_after(5):
-        assert await query() == 1
+    async with connected(server.conninfo()) as before, connected(server.conninfo()) as spare:
+        backend = before.info.backend_pid
+        await trio.to_thread.run_sync(server.pause)  # (if this test fails, cleanup resumes it)
+        # Stopped (signals are asynchronous):
+        await poll(lambda: process_state(postmaster) == process_state(backend) == "T")
+        for conn in (None, before):
+            start = trio.current_time()
+            with trio.move_on_after(0.3) as scope:
+                await query(conn)
+            assert scope.cancelled_caught
+            assert trio.current_time() - start >= 0.3
+        await trio.to_thread.run_sync(server.resume)
+        await poll(lambda: process_state(postmaster) != "T" and process_state(backend) != "T")
+        with trio.fail_after(5):
+            assert await query() == 1
+            assert await query(spare) == 1
 
 
 def test_reap_orphans_removes_a_killed_runs_server(postgres_server: Server) -> None:
@@ -335,6 +356,7 @@ def test_reap_orphans_removes_a_killed_runs_server(postgres_server: Server) -> N
         server = PostgresServer()
         server.start()
         print(server.basedir, flush=True)
+        print(server.dsn, flush=True)
         time.sleep(60)
         """
     )
@@ -342,14 +364,19 @@ def test_reap_orphans_removes_a_killed_runs_server(postgres_server: Server) -> N
         try:
             assert run.stdout is not None
             base = Path(run.stdout.readline().strip())
+            dsn = run.stdout.readline().strip()
         finally:
             run.kill()  # killed: no exit hook, no cleanup
     orphan = int((base / "data" / "postmaster.pid").read_text().split()[0])
     assert base.is_dir() and not dead(orphan)
+    with psycopg.connect(dsn) as client:  # its backend is no child of the postmaster's group
+        backend = client.info.backend_pid
+        assert not dead(backend)
 
-    reap_orphans()  # (another test session on this machine may reap it first: same outcome)
-    assert not base.exists()
-    assert dead(orphan)
+        reap_orphans()  # (another test session on this machine may reap it first: same outcome)
+        assert not base.exists()
+        for pid in (orphan, backend):  # SIGKILLed: gone as soon as the kernel gets to it
+            assert eventually_dead(pid)
     if isinstance(postgres_server, PostgresServer):  # ours, owned by a live process
         assert postgres_server.basedir.is_dir()
         assert postgres_server.execute("SELECT 1") == [(1,)]

@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 W = TypeVar("W", bound=Hashable)
 
@@ -87,6 +87,15 @@ class Outcome(Enum):
     CLEAN = "clean"  # idle, ready to serve again
     DIRTY = "dirty"  # needs a rollback and/or the reset callback
     BROKEN = "broken"  # closed, broken, or in a state that cannot be recovered
+
+
+# For the per-request paths: on Python 3.11 looking up an Enum member costs
+# ~70 ns, a module global ~10 ns, and a request and its return do about ten.
+LENT: Final = SlotState.LENT
+IDLE: Final = SlotState.IDLE
+CLEAN: Final = Outcome.CLEAN
+DIRTY: Final = Outcome.DIRTY
+BROKEN: Final = Outcome.BROKEN
 
 
 class PolicyClosed(Exception):
@@ -293,7 +302,7 @@ class PoolPolicy(Generic[W]):
             raise PolicyClosed
         if self._idle:
             slot = self.slots[self._idle.pop()]
-            slot.state = SlotState.LENT
+            slot.state = LENT
             slot.lent_at = now
             self.counters.requests_num += 1
             return slot.id
@@ -336,23 +345,23 @@ class PoolPolicy(Generic[W]):
         Raises:
             KeyError: `slot_id` is not lent.
         """
-        slot = self._slot_in(slot_id, SlotState.LENT)
+        slot = self._slot_in(slot_id, LENT)
         if not by_pool:
             self.counters.usage_ms += _ms(now - slot.lent_at)
         actions: list[Action[W]] = []
-        if outcome is Outcome.BROKEN:
+        if outcome is CLEAN:  # the common case first
+            self._dispatch(slot, now, actions)
+        elif outcome is BROKEN:
             if by_pool:
                 self.counters.connections_lost += 1
             else:
                 self.counters.returns_bad += 1
             self._close(slot, actions)
-        elif outcome is Outcome.DIRTY and (self.keep_idle or self._waiters):
+        elif outcome is DIRTY and (self.keep_idle or self._waiters):
             slot.state = SlotState.RESETTING
             actions.append(Reset(slot.id))
-        elif outcome is Outcome.DIRTY:
+        else:  # dirty, and no one to reset it for
             self._close(slot, actions)
-        else:
-            self._dispatch(slot, now, actions)
         return actions
 
     def reset_done(self, slot_id: int, now: float, *, ok: bool) -> list[Action[W]]:
@@ -540,11 +549,11 @@ class PoolPolicy(Generic[W]):
         elif self._waiters:
             waiter, (queued_at, _) = self._waiters.popitem(last=False)
             self.counters.requests_wait_ms += _ms(now - queued_at)
-            slot.state = SlotState.LENT
+            slot.state = LENT
             slot.lent_at = now
             actions.append(Grant(waiter, slot.id))
         elif self.keep_idle:
-            slot.state = SlotState.IDLE
+            slot.state = IDLE
             slot.idle_since = now
             deadline = slot.expires_at
             if not self._idle and self._staying() > self.min_size:

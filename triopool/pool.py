@@ -52,6 +52,9 @@ from trio.lowlevel import (
 
 from ._groups import single_exception
 from ._policy import (
+    BROKEN,
+    CLEAN,
+    DIRTY,
     Action,
     Close,
     Expire,
@@ -85,7 +88,6 @@ KwargsParam: TypeAlias = (
 )
 
 _IDLE = pq.TransactionStatus.IDLE
-_CONNECTION_OK = pq.ConnStatus.OK
 _DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 
 #: SQLSTATEs after which a pool with ``drain_on_failover`` replaces the
@@ -257,6 +259,7 @@ class ConnectionPool:
         self._mailboxes: dict[int, trio.MemorySendChannel[_Command]] = {}
         self._connect_scopes: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        self._clock: trio.abc.Clock  # the trio run's clock, from `run` on
         self._opened = False
         self._closing = trio.Event()
         self._stopped = trio.Event()
@@ -324,6 +327,7 @@ class ConnectionPool:
         if self._opened or self.closed:
             raise PoolClosed(f"{self.name}: a pool can be opened only once")
         self._opened = True
+        self._clock = trio.lowlevel.current_clock()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -491,7 +495,9 @@ class ConnectionPool:
         """
         await checkpoint_if_cancelled()
         wait_for = self.timeout if timeout is None else _check_seconds("timeout", timeout)
-        now = trio.current_time()
+        if self._nursery is None:
+            raise PoolClosed(f"the pool {self.name!r} is not open")
+        now = self._clock.current_time()
         deadline = now + wait_for
         task = current_task()
         while True:  # noqa: ASYNC913  # each turn awaits the policy or the check
@@ -539,8 +545,6 @@ class ConnectionPool:
         self, task: Task, now: float, deadline: float, wait_for: float
     ) -> int | list[Action[Task]]:
         """Ask the policy for a slot for `task` (see `getconn`)."""
-        if self._nursery is None:
-            raise PoolClosed(f"the pool {self.name!r} is not open")
         try:
             return self._policy.request(task, now, deadline)
         except WaitTimeout:
@@ -607,17 +611,8 @@ class ConnectionPool:
     def _put_back(self, slot: int, conn: AnyConnection) -> None:
         """`conn`, lent on `slot` to a user, comes back."""
         result = self._outcome(conn)
-        actions = self._policy.release(slot, trio.current_time(), result)
-        self._returned(slot, conn, result)
-        self._execute(actions)
-
-    def _give_back(self, slot: int, conn: AnyConnection) -> None:
-        """Return a slot the calling code took but never handed to its user."""
-        self._leases.pop(slot, None)
-        self._execute(self._policy.release(slot, trio.current_time(), self._outcome(conn)))
-
-    def _returned(self, slot: int, conn: AnyConnection, result: Outcome) -> None:
-        """Bookkeeping of a connection given back by its user."""
+        now = self._clock.current_time()
+        actions = self._policy.release(slot, now, result)
         task, lent_at, _ = self._leases.pop(slot)
         if slot in self._leaks_reported:
             self._leaks_reported.discard(slot)
@@ -625,10 +620,17 @@ class ConnectionPool:
                 logging.INFO,
                 "connection acquired by task %r returned after %.1f sec",
                 task.name,
-                trio.current_time() - lent_at,
+                now - lent_at,
             )
-        if result is Outcome.BROKEN and conn.broken:
+        if result is BROKEN and conn.broken:
             self._failover_suspected(slot)
+        if actions:
+            self._execute(actions)
+
+    def _give_back(self, slot: int, conn: AnyConnection) -> None:
+        """Return a slot the calling code took but never handed to its user."""
+        self._leases.pop(slot, None)
+        self._execute(self._policy.release(slot, trio.current_time(), self._outcome(conn)))
 
     def _failover_suspected(self, slot: int) -> None:
         if self.drain_on_failover:
@@ -644,15 +646,13 @@ class ConnectionPool:
         return sorted(holders, key=lambda holder: -holder.held_for)
 
     def _outcome(self, conn: AnyConnection) -> Outcome:
-        pgconn = conn.pgconn
-        if pgconn.status != _CONNECTION_OK:  # closed or broken
-            return Outcome.BROKEN
-        status = pgconn.transaction_status
+        # libpq reports UNKNOWN unless the connection is OK: no status call needed.
+        status = conn.pgconn.transaction_status
         if status == _IDLE:
-            return Outcome.CLEAN if self._reset is None else Outcome.DIRTY
+            return CLEAN if self._reset is None else DIRTY
         if status in _DIRTY_STATES:
-            return Outcome.DIRTY
-        return Outcome.BROKEN
+            return DIRTY
+        return BROKEN
 
     # -- maintenance ----------------------------------------------------------
 

@@ -167,6 +167,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_tree(pid: int) -> list[int]:
+    """`pid` first, then its children (Linux: read from /proc).
+
+    PostgreSQL runs each child of the postmaster (backends included) in a
+    session of its own (``setsid``): signalling the postmaster's process group
+    misses them.
+    """
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == pid:
+            children.append(int(stat.parent.name))
+    return [pid, *children]
+
+
+def _signal(pids: list[int], signum: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and its children, stopping `pid` first so that it forks no more."""
+    _signal([pid], signal.SIGSTOP)
+    _signal(_process_tree(pid), signal.SIGKILL)
+
+
 def reap_orphans() -> int:
     """Remove throwaway servers left by killed processes; return how many.
 
@@ -184,7 +214,7 @@ def reap_orphans() -> int:
             continue
         for pidfile in [*folder.glob("*/postmaster.pid"), *folder.glob(PIDFILE_NAME)]:
             with contextlib.suppress(OSError, ValueError, IndexError):
-                os.killpg(int(pidfile.read_text().splitlines()[0]), signal.SIGKILL)
+                _kill_tree(int(pidfile.read_text().splitlines()[0]))
         shutil.rmtree(folder, ignore_errors=True)
         reaped += 1
     return reaped
@@ -371,7 +401,8 @@ class PostgresServer(_AdminQueries):
             try:
                 process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                self._kill_group(process)
+                _kill_tree(process.pid)
+                process.wait()
         self._process = None
 
     def restart(self, mode: StopMode = "fast") -> None:
@@ -379,27 +410,38 @@ class PostgresServer(_AdminQueries):
         self.stop(mode)
         self.start()
 
-    def crash(self) -> None:
-        """SIGKILL the server's whole process group; `start` then runs crash recovery."""
+    def crash(self, *, postmaster_only: bool = False) -> None:
+        """SIGKILL every server process, as when its machine dies.
+
+        With `postmaster_only`, only the postmaster: its backends end when
+        they notice (at their next wait), as after an OOM kill of the
+        postmaster.  `start` then runs crash recovery.
+        """
         process = self._process
         if process is not None:
-            self._kill_group(process)
+            if postmaster_only:
+                _signal([process.pid], signal.SIGKILL)
+            else:
+                _kill_tree(process.pid)
+            process.wait()
         self._process = None
 
     def pause(self) -> None:
-        """Freeze the server (SIGSTOP its process group): connects and queries hang."""
-        os.killpg(self._pgid(), signal.SIGSTOP)
+        """Freeze the server (SIGSTOP of every server process): connects and
+        queries on open connections hang, and TCP connections stay open."""
+        postmaster = self._postmaster()
+        _signal([postmaster], signal.SIGSTOP)  # first: it forks no more
+        _signal(_process_tree(postmaster)[1:], signal.SIGSTOP)
 
     def resume(self) -> None:
-        """Undo `pause` (SIGCONT)."""
-        os.killpg(self._pgid(), signal.SIGCONT)
+        """Undo `pause` (SIGCONT), the postmaster last."""
+        _signal(_process_tree(self._postmaster())[::-1], signal.SIGCONT)
 
     def cleanup(self) -> None:
         """Stop the server (immediate) and delete its files.  Idempotent."""
         process = self._process
         if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGCONT)
+            self.resume()
             self.stop("immediate")
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
@@ -482,16 +524,10 @@ class PostgresServer(_AdminQueries):
             return log.read().decode(errors="replace")[-3000:]
         return ""
 
-    def _pgid(self) -> int:
+    def _postmaster(self) -> int:
         if self._process is None:
             raise RuntimeError("the server is not running")
         return self._process.pid
-
-    def _kill_group(self, process: subprocess.Popen[bytes]) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGCONT)
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 class _PortTaken(Exception):
