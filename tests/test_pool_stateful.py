@@ -1,11 +1,11 @@
-"""Property-based test of the real pool (trio shell + policy): a hypothesis state machine.
+"""Property-based test of the real pool (trio shell + policy): hypothesis state machines.
 
-`PoolMachine` drives a `ConnectionPool` of `FakeConnection` (server-free, see
-_fake_server.py) under a `MockClock` that moves only when a rule says so, with
-clients that request, hold, return (clean, dirty, broken or closed by their
-user), get cancelled or time out, while connection attempts fail and succeed,
-idle connections die, the pool is resized, drained and closed.  After every
-step (once every trio task is blocked) it checks the pool's promises:
+`PoolMachine` drives a `ConnectionPool` under a `MockClock` that moves only
+when a rule says so, with clients that request, hold, return (clean, dirty,
+broken or closed by their user), get cancelled or time out, while connection
+attempts fail and succeed, idle connections die, the pool is resized, drained
+and closed.  After every step (once every trio task is blocked) it checks the
+pool's promises:
 
 * ``size <= max_size`` (above it only with connections lent before a
   ``resize`` lowered it, and then nothing is connecting);
@@ -15,11 +15,19 @@ step (once every trio task is blocked) it checks the pool's promises:
   is still waiting;
 * nobody waits past their deadline, and nobody waits while a connection is
   idle;
-* every connection the fake server opened and the pool did not close is one
-  the pool holds (nothing leaked, nothing closed twice);
 * at the end (`teardown`): after ``close``, every client ended as served,
   timed out, cancelled, rejected (``max_waiting``) or refused (closed), and
   every connection is closed.
+
+It runs twice.  `FakePoolMachine` uses `FakeConnection` (server-free, see
+_fake_server.py), so connection attempts take mock time and the server's
+books can be compared with the pool's after every step; many examples.
+`RealPoolMachine` uses real connections to the test server through a
+`TcpProxy`: "server down" refuses new connections at the proxy, a network
+cut resets every connection, idle connections die by
+``pg_terminate_backend``, and a broken return is a connection whose backend
+was terminated; fewer examples.  Real I/O runs in real time, pool timers in
+mock time.
 
 Trio runs in a thread of its own for each example; each rule runs one step
 in it with `trio.from_thread.run` and waits for all tasks to block, so a
@@ -30,15 +38,17 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import psycopg
 import trio
 import trio.testing
 from _fake_server import FakeConnection, FakeServer
-from _pool_checks import assert_no_leaks
+from _pool_checks import Server, app_name, assert_no_leaks
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -48,9 +58,11 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from psycopg import pq
 
-from triopool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
+from triopool import Connection, ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 from triopool._policy import SlotState
+from triopool.testing import TcpProxy
 
 T = TypeVar("T")
 State = Literal["waiting", "holding", "returned", "timed_out", "cancelled", "rejected", "refused"]
@@ -60,9 +72,10 @@ Return = Literal["clean", "dirty", "broken", "closed"]
 class TrioThread:
     """`trio.run` in a thread of its own, taking steps from another thread."""
 
-    def __init__(self, clock: trio.abc.Clock) -> None:
+    def __init__(self, clock: trio.abc.Clock, settle: float = 0.0) -> None:
         self._ready = threading.Event()
         self._clock = clock
+        self._settle = settle
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -79,11 +92,15 @@ class TrioThread:
             await self._stop.wait()
 
     def step(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``await fn()`` in trio, then wait until every task is blocked."""
+        """Run ``await fn()`` in trio, then wait until every task is blocked.
+
+        With `settle`, until they have been blocked (no I/O either) for that
+        many real seconds: time for real I/O in flight to land.
+        """
 
         async def step() -> T:
             result = await fn()
-            await trio.testing.wait_all_tasks_blocked()
+            await trio.testing.wait_all_tasks_blocked(self._settle)
             return result
 
         return trio.from_thread.run(step, trio_token=self.token)
@@ -101,10 +118,9 @@ class Client:
     requested_at: float
     deadline: float
     state: State = "waiting"
-    conn: FakeConnection | None = None
+    conn: Connection | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     give_back: trio.Event = field(default_factory=trio.Event)
-    how: Return = "clean"
     failed_check: bool = False
     in_check: bool = False
 
@@ -115,18 +131,24 @@ CHECK_TIME = 0.25
 
 
 class PoolMachine(RuleBasedStateMachine):
+    """Rules and invariants for any server; subclasses connect and break connections."""
+
+    #: Real seconds for I/O in flight to land after each step (see `TrioThread.step`).
+    settle = 0.0
+    #: Whether a check cut by its client's deadline may overrun it (by a real
+    #: cancel request's round trip).
+    checks_overrun_deadlines = False
+
     def __init__(self) -> None:
         super().__init__()
         self.clock = trio.testing.MockClock()  # time moves only in `advance`
-        self.trio = TrioThread(self.clock)
-        self.server = FakeServer(connect_delay=0.5)
+        self.trio = TrioThread(self.clock, self.settle)
         self.clients: list[Client] = []
         self.ids = itertools.count()
         self.violations: list[str] = []
+        self.killed: list[Connection] = []  # dead, whether they know it yet or not
         self.max_size = 3
         self.pool = ConnectionPool(
-            kwargs={"server": self.server},
-            connection_class=FakeConnection,
             min_size=1,
             max_size=self.max_size,
             max_waiting=4,
@@ -135,8 +157,25 @@ class PoolMachine(RuleBasedStateMachine):
             max_lifetime=50.0,
             reconnect_timeout=10.0,
             check=self._check,
+            **self.connection_options(),
         )
         self.trio.step(self._open)
+
+    def connection_options(self) -> dict[str, Any]:
+        """``conninfo``, ``kwargs``, ``connection_class`` for the pool."""
+        raise NotImplementedError
+
+    async def probe(self, conn: Connection) -> None:
+        """Raise `psycopg.OperationalError` if `conn` is dead."""
+        raise NotImplementedError
+
+    async def spoil(self, conn: Connection, how: Return) -> None:  # noqa: ASYNC910  # each branch awaits
+        """Leave `conn` as a user would before giving it back `how`."""
+        raise NotImplementedError
+
+    def kill(self, conn: Connection) -> None:
+        """Make `conn` dead (it notices when next used)."""
+        raise NotImplementedError
 
     async def _open(self) -> None:
         await self.trio.nursery.start(self.pool.run)
@@ -147,11 +186,13 @@ class PoolMachine(RuleBasedStateMachine):
         client.in_check = True
         try:
             await trio.sleep(CHECK_TIME)
+            assert isinstance(conn, Connection)
+            await self.probe(conn)
+        except psycopg.OperationalError:
+            client.failed_check = True
+            raise
         finally:
             client.in_check = False
-        if conn.closed:
-            client.failed_check = True
-            raise psycopg.OperationalError("dead connection (fake)")
 
     def _is_me(self, client: Client) -> bool:
         return trio.lowlevel.current_task().name == f"client-{client.id}"
@@ -171,33 +212,26 @@ class PoolMachine(RuleBasedStateMachine):
             except PoolClosed:
                 client.state = "refused"
                 return  # noqa: ASYNC910  # after a failed request
-            assert isinstance(conn, FakeConnection)
+            assert isinstance(conn, Connection)
             self._granted(client, conn)
             try:
                 await client.give_back.wait()
             finally:
-                self._give_back(client, conn)
+                client.state, client.conn = "returned", None
+                self._putconn(conn)
         if client.state == "waiting":
             client.state = "cancelled"
 
-    def _granted(self, client: Client, conn: FakeConnection) -> None:
-        if conn.closed:
+    def _granted(self, client: Client, conn: Connection) -> None:
+        if conn.closed or any(conn is dead for dead in self.killed):
             self.violations.append(f"client {client.id} got a broken connection")
+        elif conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            self.violations.append(f"client {client.id} got a connection not idle")
         if any(other.conn is conn for other in self.clients):
             self.violations.append(f"client {client.id} got a connection someone holds")
         client.state, client.conn = "holding", conn
 
-    def _give_back(self, client: Client, conn: FakeConnection) -> None:
-        if client.how == "dirty":
-            conn.begin()
-        elif client.how == "broken":
-            conn.kill()
-        elif client.how == "closed":
-            conn._close_now()
-        client.state, client.conn = "returned", None
-        self._putconn(conn)
-
-    def _putconn(self, conn: FakeConnection) -> None:
+    def _putconn(self, conn: Connection) -> None:
         coro = self.pool.putconn(conn)
         try:
             coro.send(None)  # putconn never waits: it completes without suspending
@@ -228,14 +262,22 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(data=st.data(), how=st.sampled_from(["clean", "dirty", "broken", "closed"]))
     def give_back(self, data: st.DataObject, how: Return) -> None:
         client = data.draw(st.sampled_from(self.holding()))
-        client.how = how
-        self.trio.step(self._set(client.give_back))
+        assert client.conn is not None
+        if how == "broken":
+            self._kill(client.conn)
+        conn = client.conn
+
+        async def give_back() -> None:
+            await self.spoil(conn, how)
+            client.give_back.set()
+
+        self.trio.step(give_back)
 
     @precondition(lambda self: self.waiting() or self.holding())
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         client = data.draw(st.sampled_from(self.waiting() + self.holding()))
-        self.trio.step(self._cancel(client.scope))
+        self.trio.step(self._call(client.scope.cancel))
 
     @rule(seconds=st.sampled_from([0.25, 0.5, 1.0, 3.0, 25.0, 60.0]))
     def advance(self, seconds: float) -> None:
@@ -245,19 +287,19 @@ class PoolMachine(RuleBasedStateMachine):
 
         self.trio.step(jump)
 
-    @rule(down=st.booleans())
-    def server_down(self, down: bool) -> None:
-        self.server.down = down
-
     @precondition(lambda self: self.idle_connections())
     @rule(data=st.data())
     def kill_idle(self, data: st.DataObject) -> None:
-        data.draw(st.sampled_from(self.idle_connections())).kill()
+        self._kill(data.draw(st.sampled_from(self.idle_connections())))
 
-    def idle_connections(self) -> list[FakeConnection]:
+    def _kill(self, conn: Connection) -> None:
+        self.kill(conn)
+        self.killed.append(conn)
+
+    def idle_connections(self) -> list[Connection]:
         policy = self.pool._policy
         return [
-            conn  # type: ignore[misc]
+            conn
             for slot, conn in self.pool._conns.items()
             if policy.state_of(slot) is SlotState.IDLE and not conn.closed
         ]
@@ -279,18 +321,13 @@ class PoolMachine(RuleBasedStateMachine):
         self.trio.step(self.pool.close)
 
     @staticmethod
-    def _set(event: trio.Event) -> Callable[[], Awaitable[None]]:
-        async def set_() -> None:  # noqa: ASYNC124, ASYNC910  # runs as a step in trio
-            event.set()
+    def _call(fn: Callable[..., object], *args: object) -> Callable[[], Awaitable[None]]:
+        """``fn(*args)`` as a step (trio objects are called in trio's thread)."""
 
-        return set_
+        async def call() -> None:  # noqa: ASYNC124, ASYNC910  # runs as a step in trio
+            fn(*args)
 
-    @staticmethod
-    def _cancel(scope: trio.CancelScope) -> Callable[[], Awaitable[None]]:
-        async def cancel() -> None:  # noqa: ASYNC124, ASYNC910  # runs as a step in trio
-            scope.cancel()
-
-        return cancel
+        return call
 
     # -- invariants -----------------------------------------------------------
 
@@ -319,32 +356,29 @@ class PoolMachine(RuleBasedStateMachine):
     def nobody_waits_past_deadline_or_beside_an_idle_connection(self) -> None:
         now = self.clock.current_time()
         waiting = self.waiting()  # queued, or checking the connection granted
-        assert all(client.deadline > now for client in waiting)
         queued = [client for client in waiting if not client.in_check]
+        bound = queued if self.checks_overrun_deadlines else waiting
+        assert all(client.deadline > now for client in bound)
         assert self.pool.status().waiting == len(queued)
         if queued:
             assert self.pool.status().available == 0
-
-    @invariant()
-    def server_connections_are_the_pools(self) -> None:
-        not_closed = {id(c) for c in self.server.connections if c.closed_at is None}
-        assert not_closed == {id(c) for c in self.pool._conns.values()}
-        held = [c.conn for c in self.holding()]
-        assert len({id(conn) for conn in held}) == len(held)
-        assert all(conn in self.pool._conns.values() for conn in held)
 
     def teardown(self) -> None:
         try:
             self.trio.step(self._autojump)  # from now on, time runs to each deadline
             self.trio.step(self.pool.close)
             for client in self.holding():
-                self.trio.step(self._set(client.give_back))
+                self.trio.step(self._call(client.give_back.set))
             self.trio.step(self._clients_ended)
             self.trio.step(self._assert_no_leaks)
             assert self.pool._nursery is None
-            assert all(conn.closed_at is not None for conn in self.server.connections)
+            self.all_closed()
         finally:
             self.trio.stop()
+
+    def all_closed(self) -> None:
+        """After the pool closed: assert that no connection is left open."""
+        raise NotImplementedError
 
     async def _autojump(self) -> None:  # noqa: ASYNC910  # runs as a step in trio
         # Set in the trio thread: the run loop learns of it only there.
@@ -362,11 +396,132 @@ class PoolMachine(RuleBasedStateMachine):
         assert_no_leaks(self.pool)
 
 
+class FakePoolMachine(PoolMachine):
+    """Connections to a `FakeServer` whose attempts take 0.5 s of mock time."""
+
+    def __init__(self) -> None:
+        self.server = FakeServer(connect_delay=0.5)
+        super().__init__()
+
+    def connection_options(self) -> dict[str, Any]:
+        return {"kwargs": {"server": self.server}, "connection_class": FakeConnection}
+
+    async def probe(self, conn: Connection) -> None:  # noqa: ASYNC910  # no I/O to wait for
+        if conn.closed:
+            raise psycopg.OperationalError("dead connection (fake)")
+
+    async def spoil(self, conn: Connection, how: Return) -> None:  # noqa: ASYNC910  # no I/O
+        assert isinstance(conn, FakeConnection)
+        if how == "dirty":
+            conn.begin()
+        elif how == "closed":
+            conn._close_now()
+
+    def kill(self, conn: Connection) -> None:
+        assert isinstance(conn, FakeConnection)
+        conn.kill()
+
+    @rule(down=st.booleans())
+    def server_down(self, down: bool) -> None:
+        self.server.down = down
+
+    @invariant()
+    def server_connections_are_the_pools(self) -> None:
+        not_closed = {id(c) for c in self.server.connections if c.closed_at is None}
+        assert not_closed == {id(c) for c in self.pool._conns.values()}
+        held = [c.conn for c in self.holding()]
+        assert len({id(conn) for conn in held}) == len(held)
+        assert all(conn in self.pool._conns.values() for conn in held)
+
+    def all_closed(self) -> None:
+        assert all(conn.closed_at is not None for conn in self.server.connections)
+
+
+class RealPoolMachine(PoolMachine):
+    """Connections to the test server, through a `TcpProxy` run in the machine's trio."""
+
+    settle = 0.02
+    checks_overrun_deadlines = True
+    server: Server  # set by `test_pool_state_machine_real_server`
+
+    def __init__(self) -> None:
+        self.name = app_name("tp_machine")
+        self.proxy = TcpProxy(self.server.host, self.server.port)
+        self.proxy_scope = trio.CancelScope()
+        super().__init__()
+
+    def connection_options(self) -> dict[str, Any]:
+        self.trio.step(self._start_proxy)
+        return {
+            "conninfo": self.server.conninfo(
+                host=self.proxy.host, port=self.proxy.port, application_name=self.name
+            )
+        }
+
+    async def _start_proxy(self) -> None:
+        await self.trio.nursery.start(self._run_proxy)
+
+    async def _run_proxy(  # noqa: ASYNC114, ASYNC128  # task_status goes to proxy.run
+        self, task_status: trio.TaskStatus[TcpProxy]
+    ) -> None:
+        with self.proxy_scope:
+            await self.proxy.run(task_status=task_status)
+
+    async def probe(self, conn: Connection) -> None:
+        await ConnectionPool.check_connection(conn)
+
+    async def spoil(self, conn: Connection, how: Return) -> None:  # noqa: ASYNC910  # each branch awaits
+        if how in ("dirty", "broken"):
+            with suppress(psycopg.OperationalError):  # broken: the backend is gone
+                await conn.execute("SELECT 1")  # not autocommit: a transaction begins
+        elif how == "closed":
+            await conn.close()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def kill(self, conn: Connection) -> None:
+        # Waits (up to 5 s) for the backend to exit, so that the next use fails.
+        self.server.execute("SELECT pg_terminate_backend(%s, 5000)", (conn.info.backend_pid,))
+
+    @rule(down=st.booleans())
+    def server_down(self, down: bool) -> None:
+        """New connections are refused (at the proxy) or accepted again."""
+        self.trio.step(self._call(self.proxy.refuse_new, down))
+
+    @rule()
+    def network_cut(self) -> None:
+        """Every connection is reset (TCP RST)."""
+        self.killed.extend(self.pool._conns.values())
+        self.trio.step(self._call(self.proxy.reset_all))
+
+    def all_closed(self) -> None:
+        self.trio.step(self._call(self.proxy_scope.cancel))
+        deadline = time.monotonic() + 5  # backends exit asynchronously after the client left
+        while (count := self.server.count_backends(self.name)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert count == 0
+
+
 def test_pool_state_machine() -> None:
     run_state_machine_as_test(
-        PoolMachine,
+        FakePoolMachine,
         settings=settings(
             max_examples=150,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+def test_pool_state_machine_real_server(postgres_server: Server) -> None:
+    class Machine(RealPoolMachine):
+        server = postgres_server
+
+    run_state_machine_as_test(
+        Machine,
+        settings=settings(
+            max_examples=30,
             stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
