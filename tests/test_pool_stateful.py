@@ -169,7 +169,7 @@ class PoolMachine(RuleBasedStateMachine):
         """Raise `psycopg.OperationalError` if `conn` is dead."""
         raise NotImplementedError
 
-    async def spoil(self, conn: Connection, how: Return) -> None:  # noqa: ASYNC910  # each branch awaits
+    async def spoil(self, conn: Connection, how: Return) -> None:
         """Leave `conn` as a user would before giving it back `how`."""
         raise NotImplementedError
 
