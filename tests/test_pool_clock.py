@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 import trio.testing
@@ -231,6 +232,31 @@ async def test_check_failure_serves_another_within_the_same_deadline(
             server.kill_all()
             await pool.getconn(timeout=1.0)
         assert trio.current_time() == start + 3.0
+
+
+async def test_failing_checks_back_off(autojump_clock: trio.testing.MockClock) -> None:
+    """A check failing on every connection: the client retries at once, then after 1, 2,
+    4 s... (no jitter here), up to its deadline; each failure counts as a connection lost,
+    not a bad return."""
+    server = FakeServer(connect_delay=0.5)
+    checked_at: list[float] = []
+
+    async def always_fails(conn: object) -> None:
+        checked_at.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+        raise psycopg.OperationalError("wrong server (test)")
+
+    async with fake_pool(server, min_size=1, max_size=1, check=always_fails) as pool:
+        await pool.wait()
+        start = trio.current_time()
+        with pytest.raises(PoolTimeout):
+            await pool.getconn(timeout=10.0)
+        assert trio.current_time() == start + 10.0
+        # 0: the idle connection; 0.5: its replacement, just made; then backing off
+        # (replacements are ready meanwhile).
+        assert [at - start for at in checked_at] == [0.0, 0.5, 1.5, 3.5, 7.5]
+        stats = pool.get_stats()
+        assert (stats["connections_lost"], stats["returns_bad"]) == (5, 0)
 
 
 async def test_leak_warning_at_leak_timeout(

@@ -60,6 +60,13 @@ class Backoff:
         self.since: float | None = None
         self.next_delay = INITIAL_BACKOFF
 
+    def next(self) -> float:
+        """The next delay, with no time limit."""
+        jitter = 1 + BACKOFF_JITTER * (2 * self._random() - 1)
+        delay = self.next_delay * jitter
+        self.next_delay *= 2
+        return delay
+
     def failed(self, now: float) -> float | None:
         """An attempt failed at `now`: the delay before the next, or None to give up."""
         if self.since is None:
@@ -67,10 +74,7 @@ class Backoff:
         give_up_at = self.since + self.give_up_after
         if now >= give_up_at:
             return None
-        jitter = 1 + BACKOFF_JITTER * (2 * self._random() - 1)
-        delay = min(self.next_delay * jitter, give_up_at - now)
-        self.next_delay *= 2
-        return delay
+        return min(self.next(), give_up_at - now)
 
 
 class SlotState(Enum):
@@ -259,6 +263,10 @@ class PoolPolicy(Generic[W]):
         slot = self.slots.get(slot_id)
         return None if slot is None else slot.state
 
+    def retry_delays(self) -> Backoff:
+        """Delays between the retries of a client whose connections fail ``check``."""
+        return Backoff(math.inf, self.random)
+
     def idle_slots(self) -> list[int]:
         """Idle slots, least recently used first."""
         return list(self._idle)
@@ -339,8 +347,9 @@ class PoolPolicy(Generic[W]):
     ) -> list[Action[W]]:
         """A lent connection comes back.
 
-        `by_pool`: it was lent to the pool itself (`take_idle`), so it counts
-        as a connection found lost rather than a bad return or usage.
+        `by_pool`: the pool itself had it, to check it (`take_idle`, or a
+        client's ``check`` before the client gets it), so it counts as a
+        connection found lost rather than a bad return or usage.
 
         Raises:
             KeyError: `slot_id` is not lent.

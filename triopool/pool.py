@@ -56,6 +56,7 @@ from ._policy import (
     CLEAN,
     DIRTY,
     Action,
+    Backoff,
     Close,
     Expire,
     Grant,
@@ -482,7 +483,9 @@ class ConnectionPool:
         served, for at most `timeout` seconds (default: the pool's
         ``timeout``) and for as long as the caller's cancel scopes allow.
         With a ``check`` callback, a connection failing it is discarded and
-        another one is tried within the same time.
+        another one is tried within the same time: at once after the first
+        failure, then after 1 s, 2 s, 4 s... (±10 %), as psycopg_pool does, so
+        that a check failing on every new connection is no busy loop.
 
         Checkpoints: always.  If cancelled: no connection is taken (one
         already on its way to this caller goes to the next waiter or back to
@@ -500,6 +503,7 @@ class ConnectionPool:
         now = self._clock.current_time()
         deadline = now + wait_for
         task = current_task()
+        failed_checks: Backoff | None = None  # after the first failed check
         while True:  # noqa: ASYNC913  # each turn awaits the policy or the check
             got = self._request(task, now, deadline, wait_for)
             if isinstance(got, int):
@@ -519,8 +523,15 @@ class ConnectionPool:
                     await self._check(conn)
             except Exception as ex:
                 self._log(logging.WARNING, "connection failed check, discarding it: %s", ex)
-                self._execute(self._policy.release(slot, trio.current_time(), Outcome.BROKEN))
                 now = trio.current_time()
+                self._execute(self._policy.release(slot, now, BROKEN, by_pool=True))
+                if failed_checks is None:
+                    failed_checks = self._policy.retry_delays()
+                else:
+                    await trio.sleep_until(min(now + failed_checks.next(), deadline))
+                    now = trio.current_time()
+                    if now >= deadline:
+                        raise self._timeout_error(wait_for) from ex
                 continue
             except BaseException:
                 self._give_back(slot, conn)
