@@ -1,15 +1,25 @@
-"""One connection, sequential queries: triopool.Connection on trio vs psycopg on asyncio.
+"""One connection, sequential queries: triopool on trio, via trio-asyncio, and psycopg on asyncio.
 
-    python benchmarks/single_connection.py [--dsn DSN] [--rounds 5] [--duration 3] [--json]
+    python benchmarks/single_connection.py [--dsn DSN] [--rounds 5] [--duration 3]
+                                           [--stacks triopool,aio,asyncio] [--json]
 
-Each side opens one autocommit connection and runs ``SELECT 1`` (execute + fetchone, one
-round trip, psycopg's default ``prepare_threshold``) back to back for ``--duration``
-seconds after a short warm-up: `triopool.Connection` under ``trio.run`` against stock
-`psycopg.AsyncConnection` under ``asyncio.run``. Every run is a fresh process that imports
-only its own event loop; the two sides alternate over the rounds (the first side swaps
-every round) so drift on the machine hits both. Prints q/s per round, the medians and the
-ratio triopool / asyncio (above 1: triopool is faster). No pool is involved: this is the
-cost of the trio wait loop and cancellation machinery per round trip.
+Each side uses one autocommit connection and runs ``SELECT 1`` (execute + fetchone, one
+round trip) back to back for ``--duration`` seconds after a short warm-up:
+
+* ``triopool``: `triopool.Connection` under ``trio.run`` (psycopg's default
+  ``prepare_threshold``);
+* ``aio``: the asyncio bridge, a `triopool.aio.AsyncioPool` view (a stock
+  `psycopg.AsyncConnection` on the pooled connection, borrowed once) used by asyncio code
+  on ``trio_asyncio``'s loop inside ``trio.run``; the view never prepares statements
+  (``prepare_threshold=None``), as users get it;
+* ``asyncio``: stock `psycopg.AsyncConnection` under ``asyncio.run`` (default
+  ``prepare_threshold``).
+
+Every run is a fresh process that imports only its own event loop (the ``aio`` side
+imports trio and trio-asyncio); the order of the sides rotates every round so drift on
+the machine hits all of them. Prints q/s per round, the medians and the ratios to asyncio
+(above 1: faster than asyncio). No pool is involved in the timed loop: this is the cost of
+each wait loop per round trip.
 """
 
 from __future__ import annotations
@@ -20,12 +30,20 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from _server import add_dsn_argument, server_dsn
 
-Stack = Literal["triopool", "asyncio"]
-STACKS: tuple[Stack, Stack] = ("triopool", "asyncio")
+if TYPE_CHECKING:  # the workers import only their own stack
+    import psycopg
+
+Stack = Literal["triopool", "aio", "asyncio"]
+STACKS: tuple[Stack, ...] = ("triopool", "aio", "asyncio")
+LABELS: dict[Stack, str] = {
+    "triopool": "triopool.Connection (trio)",
+    "aio": "AsyncioPool view (trio-asyncio)",
+    "asyncio": "psycopg.AsyncConnection (asyncio)",
+}
 QUERY = "SELECT 1"
 WARMUP_QUERIES = 200
 
@@ -58,16 +76,39 @@ async def _asyncio_run(dsn: str, duration: float) -> RunResult:
     import psycopg
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        for _ in range(WARMUP_QUERIES):
-            await (await conn.execute(QUERY)).fetchone()
-        queries = 0
-        start = now = time.perf_counter()
-        deadline = start + duration
-        while now < deadline:
-            await (await conn.execute(QUERY)).fetchone()
-            queries += 1
-            now = time.perf_counter()
-    return {"queries": queries, "seconds": now - start}
+        return await _asyncio_loop(conn, duration)
+
+
+async def _asyncio_loop(conn: psycopg.AsyncConnection[Any], duration: float) -> RunResult:
+    """The timed loop on a `psycopg.AsyncConnection`, for asyncio code."""
+    for _ in range(WARMUP_QUERIES):
+        await (await conn.execute(QUERY)).fetchone()
+    queries = 0
+    start = now = time.perf_counter()
+    deadline = start + duration
+    while now < deadline:
+        await (await conn.execute(QUERY)).fetchone()
+        queries += 1
+        now = time.perf_counter()
+    return {"queries": queries, "seconds": now - start}  # noqa: ASYNC910  # asyncio code
+
+
+async def _aio_run(dsn: str, duration: float) -> RunResult:
+    import trio_asyncio  # before psycopg is first imported (see triopool.aio)
+
+    from triopool import open_pool
+    from triopool.aio import AsyncioPool
+
+    async def borrow_and_loop(apool: AsyncioPool) -> RunResult:
+        async with apool.connection() as conn:
+            return await _asyncio_loop(conn, duration)
+
+    async with (
+        trio_asyncio.open_loop(),
+        open_pool(dsn, min_size=1, kwargs={"autocommit": True}, wait=True) as pool,
+    ):
+        result: RunResult = await trio_asyncio.aio_as_trio(borrow_and_loop)(AsyncioPool(pool))
+        return result
 
 
 def worker(stack: Stack, dsn: str, duration: float) -> None:
@@ -76,6 +117,10 @@ def worker(stack: Stack, dsn: str, duration: float) -> None:
         import trio
 
         result = trio.run(_triopool_run, dsn, duration)
+    elif stack == "aio":
+        import trio
+
+        result = trio.run(_aio_run, dsn, duration)
     else:
         import asyncio
 
@@ -97,16 +142,26 @@ def run_in_subprocess(stack: Stack, dsn: str, duration: float) -> float:
     return result["queries"] / result["seconds"]
 
 
-def compare(dsn: str, rounds: int, duration: float, *, verbose: bool) -> dict[Stack, list[float]]:
-    qps: dict[Stack, list[float]] = {stack: [] for stack in STACKS}
+def compare(
+    dsn: str, stacks: tuple[Stack, ...], rounds: int, duration: float, *, verbose: bool
+) -> dict[Stack, list[float]]:
+    qps: dict[Stack, list[float]] = {stack: [] for stack in stacks}
     for round_no in range(rounds):
-        order = STACKS if round_no % 2 == 0 else STACKS[::-1]
-        for stack in order:
+        shift = round_no % len(stacks)
+        for stack in stacks[shift:] + stacks[:shift]:
             qps[stack].append(run_in_subprocess(stack, dsn, duration))
         if verbose:
-            line = "   ".join(f"{stack} {qps[stack][-1]:8.0f} q/s" for stack in STACKS)
+            line = "   ".join(f"{stack} {qps[stack][-1]:8.0f} q/s" for stack in stacks)
             print(f"round {round_no + 1}/{rounds}: {line}", flush=True)
     return qps
+
+
+def parse_stacks(text: str) -> tuple[Stack, ...]:
+    """``--stacks``: a comma-separated subset of `STACKS`, kept in `STACKS` order."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    if not names or not names <= set(STACKS):
+        raise argparse.ArgumentTypeError(f"choose among {','.join(STACKS)}")
+    return tuple(stack for stack in STACKS if stack in names)
 
 
 def main() -> None:
@@ -114,6 +169,12 @@ def main() -> None:
     add_dsn_argument(parser)
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per run (default 3)")
+    parser.add_argument(
+        "--stacks",
+        type=parse_stacks,
+        default=STACKS,
+        help=f"comma-separated sides to run (default {','.join(STACKS)})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,6 +188,7 @@ def main() -> None:
 
     import psycopg
 
+    stacks = cast(tuple[Stack, ...], args.stacks)
     if not args.json:
         print(
             f"one connection, sequential autocommit {QUERY!r}, psycopg {psycopg.__version__}:"
@@ -134,9 +196,15 @@ def main() -> None:
             flush=True,
         )
     with server_dsn(args.dsn) as dsn:
-        qps = compare(dsn, args.rounds, args.duration, verbose=not args.json)
-    medians = {stack: statistics.median(qps[stack]) for stack in STACKS}
-    ratio = medians["triopool"] / medians["asyncio"]
+        qps = compare(dsn, stacks, args.rounds, args.duration, verbose=not args.json)
+    medians = {stack: statistics.median(qps[stack]) for stack in stacks}
+    ratios = {
+        f"ratio_{stack}_to_asyncio": medians[stack] / medians["asyncio"]
+        for stack in stacks
+        if stack != "asyncio" and "asyncio" in medians
+    }
+    if "aio" in medians and "triopool" in medians:
+        ratios["ratio_aio_to_triopool"] = medians["aio"] / medians["triopool"]
     if args.json:
         report = {
             "query": QUERY,
@@ -145,15 +213,15 @@ def main() -> None:
             "duration": args.duration,
             "qps": qps,
             "median_qps": medians,
-            "ratio_triopool_to_asyncio": ratio,
+            **ratios,
         }
         print(json.dumps(report, indent=2))
         return
-    print(
-        f"median: triopool.Connection (trio) {medians['triopool']:.0f} q/s,"
-        f" psycopg.AsyncConnection (asyncio) {medians['asyncio']:.0f} q/s,"
-        f" ratio triopool/asyncio {ratio:.2f}"
-    )
+    print("median: " + ", ".join(f"{LABELS[s]} {medians[s]:.0f} q/s" for s in stacks))
+    if ratios:
+        print(
+            "ratios: " + ", ".join(f"{k.removeprefix('ratio_')} {v:.2f}" for k, v in ratios.items())
+        )
 
 
 if __name__ == "__main__":
