@@ -18,28 +18,17 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Literal
+from typing import IO, Literal
 
 import psycopg
 
-from ._server import (
-    PIDFILE_NAME,
-    ServerUnavailable,
-    _free_port,
-    _make_owned_dir,
-    _server_user,
-    _spawn_as,
-    reap_orphans,
-)
+from ._server import PIDFILE_NAME, ServerUnavailable, _LocalService, _make_owned_dir
 
 __all__ = ["PgBouncer", "find_pgbouncer"]
 
 BINARY_ENV = "TRIOPOOL_PGBOUNCER"
-START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 _SEARCHED = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/opt/homebrew/bin")
 
@@ -79,7 +68,7 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-class PgBouncer:
+class PgBouncer(_LocalService):
     """PgBouncer on a free 127.0.0.1 port, forwarding to `server_host`:`server_port`.
 
     Clients log in as `user` with no password (``auth_type = trust``); every
@@ -99,7 +88,8 @@ class PgBouncer:
         binary: the ``pgbouncer`` executable (default: `find_pgbouncer`).
     """
 
-    host = "127.0.0.1"
+    _name = "PgBouncer"
+    _logname = "pgbouncer.log"
 
     def __init__(
         self,
@@ -114,6 +104,7 @@ class PgBouncer:
         settings: Mapping[str, str] | None = None,
         binary: str | os.PathLike[str] | None = None,
     ) -> None:
+        super().__init__()
         self.server_host = server_host
         self.server_port = server_port
         self.user = user
@@ -128,10 +119,6 @@ class PgBouncer:
             "server_login_retry": "0.1",
             **(settings or {}),
         }
-        self._user = _server_user()
-        self._base: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self.port = 0
 
     # -- places ---------------------------------------------------------------
 
@@ -142,52 +129,15 @@ class PgBouncer:
         return self._binary
 
     @property
-    def basedir(self) -> Path:
-        if self._base is None:
-            raise RuntimeError("PgBouncer was never started")
-        return self._base
-
-    @property
-    def logfile(self) -> Path:
-        return self.basedir / "pgbouncer.log"
-
-    @property
     def dsn(self) -> str:
         """``postgresql://USER@127.0.0.1:PORT/DBNAME``."""
         return f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname}"
 
     def conninfo(self, **overrides: object) -> str:
         """A key=value conninfo through PgBouncer, with `overrides` applied."""
-        params: dict[str, object] = {
-            "host": self.host,
-            "port": self.port,
-            "user": self.user,
-            "dbname": self.dbname,
-            **overrides,
-        }
-        return psycopg.conninfo.make_conninfo("", **params)  # type: ignore[arg-type]
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._conninfo(self.user, self.dbname, overrides)
 
     # -- lifecycle --------------------------------------------------------------
-
-    def __enter__(self) -> PgBouncer:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
     def start(self) -> None:
         """Start PgBouncer; return once its admin console answers.
@@ -199,21 +149,7 @@ class PgBouncer:
             ServerUnavailable: no ``pgbouncer`` executable.
             RuntimeError: it did not start (with its log's end).
         """
-        if self.running:
-            return
-        binary = self.binary
-        if self._base is None:
-            reap_orphans()
-        first = self.port == 0
-        for _ in range(5):
-            if first:
-                self.port = _free_port()
-            self._write_config()
-            if self._launch(binary):
-                return
-            if not first:
-                raise RuntimeError(f"port {self.port} is taken: cannot restart PgBouncer")
-        raise RuntimeError("no free port for PgBouncer after 5 tries")
+        super().start()
 
     def stop(self) -> None:
         """Stop PgBouncer at once (SIGTERM: every client and server connection is closed).
@@ -241,10 +177,7 @@ class PgBouncer:
     def cleanup(self) -> None:
         """Stop PgBouncer and delete its files.  Idempotent."""
         self.stop()
-        if self._base is not None:
-            shutil.rmtree(self._base, ignore_errors=True)
-            self._base = None
-            self.port = 0
+        self._remove_basedir()
 
     # -- the admin console --------------------------------------------------------
 
@@ -263,10 +196,17 @@ class PgBouncer:
 
     # -- internals ------------------------------------------------------------------
 
+    def _prepare(self) -> None:
+        """Create the folder and the log file, once ``pgbouncer`` is found."""
+        self._binary = self.binary  # ServerUnavailable now, before anything is created
+        self._base = _make_owned_dir(self._user)
+        self.logfile.touch()
+
+    def _command(self) -> list[str]:
+        self._write_config()
+        return [str(self.binary), str(self.basedir / "pgbouncer.ini")]
+
     def _write_config(self) -> None:
-        if self._base is None:
-            self._base = _make_owned_dir(self._user)
-            self.logfile.touch()
         target = f"host={self.server_host} port={self.server_port} user={self.user}"
         if self._password is not None:
             target += f" password={_quote(self._password)}"
@@ -288,30 +228,18 @@ class PgBouncer:
             if self._user is not None:
                 os.chown(self.basedir / name, self._user.pw_uid, self._user.pw_gid)
 
-    def _launch(self, binary: Path) -> bool:
-        """Start the process; True once it answers, False if the port was taken."""
-        log_start = self.logfile.stat().st_size
-        with open(self.logfile, "ab") as log:
-            args = [str(binary), str(self.basedir / "pgbouncer.ini")]
-            process = self._process = _spawn_as(self._user, args, log, self.basedir)
+    def _spawn(self, args: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        """Also write the pid to ``process.pid``, for `reap_orphans`."""
+        process = super()._spawn(args, log)
         (self.basedir / PIDFILE_NAME).write_text(str(process.pid))
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                self._process = None
-                tail = self._log_tail(log_start)
-                if "Address already in use" in tail:
-                    return False
-                raise RuntimeError(f"PgBouncer exited while starting:\n{tail}")
-            with contextlib.suppress(psycopg.OperationalError):
-                self.admin("SHOW VERSION")
-                return True
-            time.sleep(0.01)
-        self.stop()
-        raise RuntimeError(f"PgBouncer did not start in {START_TIMEOUT} s:\n{self._log_tail(0)}")
+        return process
 
-    def _log_tail(self, offset: int) -> str:
-        with contextlib.suppress(OSError), open(self.logfile, "rb") as log:
-            log.seek(offset)
-            return log.read().decode(errors="replace")[-3000:]
-        return ""
+    def _ready(self) -> bool:
+        try:
+            self.admin("SHOW VERSION")
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    def _abort(self) -> None:
+        self.stop()

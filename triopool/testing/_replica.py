@@ -43,7 +43,7 @@ class StandbyServer(PostgresServer):
         super().__init__(bindir=primary.bindir, settings=settings)
         self.primary = primary
 
-    def _init(self) -> None:
+    def _prepare(self) -> None:
         """Create the folder and fill it with a base backup of the primary."""
         self._make_basedir()
         primary = self.primary

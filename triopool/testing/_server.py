@@ -6,6 +6,7 @@ Every method is synchronous and blocks (a start or restart takes ~0.1 s after
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib.util
 import os
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, ClassVar, Literal, Self
 
 import psycopg
 
@@ -255,93 +256,47 @@ class _AdminQueries:
         return int(str(rows[0][0]))
 
 
-class PostgresServer(_AdminQueries):
-    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port, with trust auth.
+class _PortTaken(Exception):
+    """The process exited while starting because another one holds its port."""
 
-    ``with PostgresServer() as server:`` starts it (``initdb`` the first
-    time) and removes it at the end.  Data lives under
-    ``/tmp/triopool-pg-*``; settings favour speed over durability
-    (``fsync=off``).  As root, the server runs as the ``postgres`` (or
-    ``nobody``) user.  The fault controls (`stop`, `crash`, `pause`, ...) act
-    on the real server.
 
-    Args:
-        bindir: folder of the server binaries (default: `find_server_binaries`).
-        settings: extra ``postgres -c`` settings.
+class _LocalService(abc.ABC):
+    """A process of ours on a 127.0.0.1 port, in a ``/tmp/triopool-pg-*`` folder of its own.
+
+    What `PostgresServer` and `PgBouncer` share: the folder, the port (free on
+    the first start, the same on later ones), starting with retries, and errors
+    that end with the log.  Each service says how to prepare its first start
+    (`_prepare`), what to run (`_command`), how to tell it is ready (`_ready`)
+    and how to stop a start that timed out (`_abort`).
     """
 
     host = "127.0.0.1"
+    #: What error messages call the service ("the server", "PgBouncer").
+    _name: ClassVar[str]
+    #: The name of its log file in `basedir`.
+    _logname: ClassVar[str]
 
-    def __init__(
-        self,
-        *,
-        bindir: str | os.PathLike[str] | None = None,
-        settings: Mapping[str, str] | None = None,
-    ) -> None:
-        self._bindir = Path(bindir) if bindir is not None else None
-        self._settings = {
-            "fsync": "off",
-            "full_page_writes": "off",
-            "max_connections": "200",
-            "wal_level": "replica",
-            "max_wal_senders": "5",
-            "hot_standby": "on",
-            **(settings or {}),
-        }
+    def __init__(self) -> None:
         self._user = _server_user()
         self._base: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self.port = 0
 
-    # -- places -------------------------------------------------------------
-
-    @property
-    def bindir(self) -> Path:
-        if self._bindir is None:
-            self._bindir = find_server_binaries()
-        return self._bindir
-
     @property
     def basedir(self) -> Path:
         if self._base is None:
-            raise RuntimeError("the server was never started")
+            raise RuntimeError(f"{self._name} was never started")
         return self._base
 
     @property
-    def datadir(self) -> Path:
-        return self.basedir / "data"
-
-    @property
-    def sockdir(self) -> Path:
-        return self.basedir / "s"
-
-    @property
     def logfile(self) -> Path:
-        return self.basedir / "server.log"
-
-    @property
-    def dsn(self) -> str:
-        """``postgresql://postgres@127.0.0.1:PORT/postgres``."""
-        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
-
-    def conninfo(self, **overrides: object) -> str:
-        """A key=value conninfo for this server, with `overrides` applied."""
-        params: dict[str, object] = {
-            "host": self.host,
-            "port": self.port,
-            "user": "postgres",
-            "dbname": "postgres",
-            **overrides,
-        }
-        return psycopg.conninfo.make_conninfo("", **params)  # type: ignore[arg-type]
+        return self.basedir / self._logname
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    # -- lifecycle ------------------------------------------------------------
-
-    def __enter__(self) -> PostgresServer:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -358,20 +313,20 @@ class PostgresServer(_AdminQueries):
         self.cleanup()
 
     def start(self) -> None:
-        """Start the server (after ``initdb`` on first start); return once it accepts connections.
+        """Start the service (`_prepare` first, on the first start); return once it is ready.
 
-        The first start picks a free port (retrying if another process takes
-        it first); later starts reuse it.
+        The first start picks a free port, and tries another one (5 in all)
+        when another process takes it first; later starts reuse it.
 
         Raises:
             ServerUnavailable: no binaries.
-            RuntimeError: the server did not start (with its log's end).
+            RuntimeError: it did not start (with its log's end).
         """
         if self.running:
             return
         if self._base is None:
             reap_orphans()
-            self._init()
+            self._prepare()
         first = self.port == 0
         for _ in range(5):
             if first:
@@ -381,7 +336,167 @@ class PostgresServer(_AdminQueries):
                 return
             except _PortTaken:
                 if not first:
-                    raise RuntimeError(f"port {self.port} is taken: cannot restart") from None
+                    raise RuntimeError(
+                        f"port {self.port} is taken: cannot restart {self._name}"
+                    ) from None
+        raise RuntimeError(f"no free port for {self._name} after 5 tries")
+
+    @abc.abstractmethod
+    def cleanup(self) -> None:
+        """Stop the service and delete its files.  Idempotent."""
+
+    # -- what each service says ------------------------------------------------------
+
+    @abc.abstractmethod
+    def _prepare(self) -> None:
+        """Before the first start: find the binaries, then create `basedir` and the log file.
+
+        Raises:
+            ServerUnavailable: no binaries (before anything is created).
+        """
+
+    @abc.abstractmethod
+    def _command(self) -> list[str]:
+        """The command that runs the service on `port` (writing any file it reads)."""
+
+    @abc.abstractmethod
+    def _ready(self) -> bool:
+        """Does the started service answer yet?"""
+
+    @abc.abstractmethod
+    def _abort(self) -> None:
+        """Stop a service that did not become ready in time."""
+
+    # -- shared internals ------------------------------------------------------------
+
+    def _spawn(self, args: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        """Start `args` as the service's user, in its folder, without PG* variables."""
+        return _spawn_as(self._user, args, log, self.basedir)
+
+    def _launch(self) -> None:
+        """Run `_command` on `port`; return once `_ready`.
+
+        Raises:
+            _PortTaken: it exited, saying that its port is in use.
+            RuntimeError: it exited otherwise, or was not ready in time (with its log's end).
+        """
+        args = self._command()
+        log_start = self.logfile.stat().st_size
+        with open(self.logfile, "ab") as log:
+            process = self._process = self._spawn(args, log)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                self._process = None
+                tail = self._log_tail(log_start)
+                if "Address already in use" in tail:
+                    raise _PortTaken
+                raise RuntimeError(f"{self._name} exited while starting:\n{tail}")
+            if self._ready():
+                return
+            time.sleep(0.01)
+        self._abort()
+        raise RuntimeError(f"{self._name} did not start in {START_TIMEOUT} s:\n{self._log_tail(0)}")
+
+    def _conninfo(self, user: str, dbname: str, overrides: Mapping[str, object]) -> str:
+        """A key=value conninfo for `user` and `dbname` here, with `overrides` applied."""
+        params: dict[str, object] = {
+            "host": self.host,
+            "port": self.port,
+            "user": user,
+            "dbname": dbname,
+            **overrides,
+        }
+        return psycopg.conninfo.make_conninfo("", **params)  # type: ignore[arg-type]
+
+    def _log_tail(self, offset: int) -> str:
+        with contextlib.suppress(OSError), open(self.logfile, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")[-3000:]
+        return ""
+
+    def _remove_basedir(self) -> None:
+        """Delete `basedir` (if any); the next start is a first start again."""
+        if self._base is not None:
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
+            self.port = 0
+
+
+class PostgresServer(_LocalService, _AdminQueries):
+    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port, with trust auth.
+
+    ``with PostgresServer() as server:`` starts it (``initdb`` the first
+    time) and removes it at the end.  Data lives under
+    ``/tmp/triopool-pg-*``; settings favour speed over durability
+    (``fsync=off``).  As root, the server runs as the ``postgres`` (or
+    ``nobody``) user.  The fault controls (`stop`, `crash`, `pause`, ...) act
+    on the real server.
+
+    Args:
+        bindir: folder of the server binaries (default: `find_server_binaries`).
+        settings: extra ``postgres -c`` settings.
+    """
+
+    _name = "the server"
+    _logname = "server.log"
+
+    def __init__(
+        self,
+        *,
+        bindir: str | os.PathLike[str] | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self._bindir = Path(bindir) if bindir is not None else None
+        self._settings = {
+            "fsync": "off",
+            "full_page_writes": "off",
+            "max_connections": "200",
+            "wal_level": "replica",
+            "max_wal_senders": "5",
+            "hot_standby": "on",
+            **(settings or {}),
+        }
+
+    # -- places -------------------------------------------------------------
+
+    @property
+    def bindir(self) -> Path:
+        if self._bindir is None:
+            self._bindir = find_server_binaries()
+        return self._bindir
+
+    @property
+    def datadir(self) -> Path:
+        return self.basedir / "data"
+
+    @property
+    def sockdir(self) -> Path:
+        return self.basedir / "s"
+
+    @property
+    def dsn(self) -> str:
+        """``postgresql://postgres@127.0.0.1:PORT/postgres``."""
+        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
+
+    def conninfo(self, **overrides: object) -> str:
+        """A key=value conninfo for this server, with `overrides` applied."""
+        return self._conninfo("postgres", "postgres", overrides)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the server (after ``initdb`` on first start); return once it accepts connections.
+
+        The first start picks a free port (retrying if another process takes
+        it first); later starts reuse it.
+
+        Raises:
+            ServerUnavailable: no binaries.
+            RuntimeError: the server did not start (with its log's end).
+        """
+        super().start()
 
     def stop(self, mode: StopMode = "fast") -> None:
         """Stop the server: ``smart`` (wait for clients), ``fast`` or ``immediate``."""
@@ -443,16 +558,9 @@ class PostgresServer(_AdminQueries):
         if process is not None and process.poll() is None:
             self.resume()
             self.stop("immediate")
-        if self._base is not None:
-            shutil.rmtree(self._base, ignore_errors=True)
-            self._base = None
-            self.port = 0
+        self._remove_basedir()
 
     # -- internals ------------------------------------------------------------------
-
-    def _spawn(self, args: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-        """Start `args` as the server's user, in its folder, without PG* variables."""
-        return _spawn_as(self._user, args, log, self.basedir)
 
     def _make_basedir(self) -> None:
         """Create the server's folder (socket folder and log file included)."""
@@ -463,7 +571,8 @@ class PostgresServer(_AdminQueries):
             for path in (self.sockdir, self.logfile):
                 os.chown(path, self._user.pw_uid, self._user.pw_gid)
 
-    def _init(self) -> None:
+    def _prepare(self) -> None:
+        """Create the folder and ``initdb`` a cluster in it."""
         bindir = self.bindir
         self._make_basedir()
         initdb = [str(bindir / "initdb"), "-D", str(self.datadir), "-E", "UTF8"]
@@ -473,7 +582,7 @@ class PostgresServer(_AdminQueries):
         if process.wait() != 0:
             raise RuntimeError(f"initdb failed:\n{self._log_tail(0)}")
 
-    def _launch(self) -> None:
+    def _command(self) -> list[str]:
         args = [
             str(self.bindir / "postgres"),
             "-D",
@@ -487,22 +596,7 @@ class PostgresServer(_AdminQueries):
         ]
         for key, value in self._settings.items():
             args += ["-c", f"{key}={value}"]
-        with open(self.logfile, "ab") as log:
-            self._process = self._spawn(args, log)
-        log_start = self.logfile.stat().st_size
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                tail = self._log_tail(log_start)
-                self._process = None
-                if "Address already in use" in tail:
-                    raise _PortTaken
-                raise RuntimeError(f"the server exited while starting:\n{tail}")
-            if self._ready():
-                return
-            time.sleep(0.01)
-        self.crash()
-        raise RuntimeError(f"the server did not start in {START_TIMEOUT} s:\n{self._log_tail(0)}")
+        return args
 
     def _ready(self) -> bool:
         pidfile = self.datadir / "postmaster.pid"
@@ -518,20 +612,13 @@ class PostgresServer(_AdminQueries):
         except psycopg.OperationalError:
             return False
 
-    def _log_tail(self, offset: int) -> str:
-        with contextlib.suppress(OSError), open(self.logfile, "rb") as log:
-            log.seek(offset)
-            return log.read().decode(errors="replace")[-3000:]
-        return ""
+    def _abort(self) -> None:
+        self.crash()
 
     def _postmaster(self) -> int:
         if self._process is None:
             raise RuntimeError("the server is not running")
         return self._process.pid
-
-
-class _PortTaken(Exception):
-    pass
 
 
 class ExternalServer(_AdminQueries):
