@@ -183,7 +183,10 @@ class PgBouncer(_LocalService):
 
     def admin(self, command: str) -> list[dict[str, object]]:
         """Run an admin console command (``SHOW POOLS``, ``RECONNECT``...); return its rows."""
-        with psycopg.connect(self.conninfo(dbname="pgbouncer"), autocommit=True) as conn:
+        # A bounded connect: while starting, the port may belong to another process
+        # that accepts and never answers (PgBouncer is then exiting: port taken).
+        conninfo = self.conninfo(dbname="pgbouncer", connect_timeout=2)
+        with psycopg.connect(conninfo, autocommit=True) as conn:
             cur = conn.execute(command)  # no parameters: the simple query protocol
             if cur.description is None:
                 return []
