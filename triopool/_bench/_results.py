@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PERCENTILES = (50, 90, 99)
+
+#: One request: acquire, work, release; returns (seconds to acquire, seconds of work).
+Request = Callable[[], Awaitable[tuple[float, float]]]
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -75,3 +82,49 @@ class Result:
 
 def median_qps(results: list[Result]) -> float:
     return statistics.median(r.qps for r in results) if results else 0.0
+
+
+class Tally:
+    """The book of one run, whatever the event loop: what is left to do, what was seen.
+
+    Start it when the clients start; each runs `client`; `result` when all ended.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.acquire_ms: list[float] = []
+        self.latency_ms: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self._remaining = settings.queries
+        self.started = time.perf_counter()
+        self._deadline = math.inf if settings.duration is None else self.started + settings.duration
+
+    def more(self) -> bool:
+        """Whether another request is due (and count it)."""
+        if self._remaining is not None:
+            if self._remaining <= 0:
+                return False
+            self._remaining -= 1
+        return time.perf_counter() < self._deadline
+
+    async def client(self, request: Request) -> None:  # noqa: ASYNC910  # each request awaits
+        """One client: `request` after `request` until the run is over."""
+        while self.more():
+            try:
+                acquired, ran = await request()
+            except Exception as ex:
+                self.errors[type(ex).__name__] += 1
+            else:
+                self.acquire_ms.append(acquired * 1000)
+                self.latency_ms.append(ran * 1000)
+
+    def result(self) -> Result:
+        """What the run measured (``stack`` is left for the caller to name)."""
+        return Result(
+            stack="",
+            queries=len(self.latency_ms),
+            errors=sum(self.errors.values()),
+            seconds=time.perf_counter() - self.started,
+            acquire_ms=percentiles(self.acquire_ms),
+            latency_ms=percentiles(self.latency_ms),
+            error_kinds=dict(self.errors),
+        )

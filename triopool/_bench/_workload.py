@@ -9,18 +9,18 @@ on every stack.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 import trio
+from psycopg import AsyncConnection
 
 from ..connection import Connection
 from ..pool import ConnectionPool, open_pool
-from ._results import Result, Settings, percentiles
+from ._results import Request, Result, Settings, Tally
 
 #: SQL shared by every stack.  ``txn`` works on a temporary table only, so the
 #: benchmark never modifies a database it is pointed at.
@@ -32,7 +32,11 @@ INSERT_ROW = "INSERT INTO triopool_bench (note) VALUES ('bench') RETURNING id"
 SELECT_ROW = "SELECT note FROM triopool_bench WHERE id = %s"
 MIXED_TXN_SHARE = 0.2
 
-Request = Callable[[], Awaitable[tuple[float, float]]]
+
+class PsycopgPool(Protocol):
+    """What `psycopg_request` uses of a pool: psycopg_pool's ``connection()``."""
+
+    def connection(self) -> AbstractAsyncContextManager[AsyncConnection[Any]]: ...
 
 
 def choose_txn(workload: str, rng: random.Random) -> bool:
@@ -44,62 +48,52 @@ def choose_txn(workload: str, rng: random.Random) -> bool:
     return rng.random() < MIXED_TXN_SHARE
 
 
+def psycopg_request(pool: PsycopgPool, workload: str, rng: random.Random) -> Request:
+    """A request through a pool of psycopg connections (triopool's or psycopg_pool's)."""
+
+    async def request() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        async with pool.connection() as conn:
+            t1 = time.perf_counter()
+            if choose_txn(workload, rng):
+                async with conn.transaction():
+                    cur = await conn.execute(INSERT_ROW)
+                    row = await cur.fetchone()
+                    assert row is not None
+                    await conn.execute(SELECT_ROW, row)
+            else:
+                await conn.execute(SELECT_ONE)
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    return request
+
+
 async def drive(
     settings: Settings,
     request: Request,
     progress: Callable[[int], None] | None = None,
 ) -> Result:
     """Run `settings.clients` tasks issuing `request` until the run is over."""
-    acquire_ms: list[float] = []
-    latency_ms: list[float] = []
-    errors: Counter[str] = Counter()
-    remaining = settings.queries
-    deadline = math.inf if settings.duration is None else time.perf_counter() + settings.duration
-
-    def more() -> bool:
-        nonlocal remaining
-        if remaining is not None:
-            if remaining <= 0:
-                return False
-            remaining -= 1
-        return time.perf_counter() < deadline
-
-    async def client() -> None:  # noqa: ASYNC910  # nursery
-        while more():
-            try:
-                acquired, ran = await request()
-            except Exception as ex:
-                errors[type(ex).__name__] += 1
-            else:
-                acquire_ms.append(acquired * 1000)
-                latency_ms.append(ran * 1000)
+    tally = Tally(settings)
 
     async def report_progress() -> None:
         assert progress is not None
         while True:
-            progress(len(latency_ms))
+            progress(len(tally.latency_ms))
             await trio.sleep(0.1)
 
-    started = time.perf_counter()
     async with trio.open_nursery() as nursery:
         if progress is not None:
             nursery.start_soon(report_progress)
         async with trio.open_nursery() as clients:
             for _ in range(settings.clients):
-                clients.start_soon(client)
+                clients.start_soon(tally.client, request)
         nursery.cancel_scope.cancel()
-    seconds = time.perf_counter() - started
+    result = tally.result()
     if progress is not None:
-        progress(len(latency_ms))
-    return Result(
-        stack="",
-        queries=len(latency_ms),
-        errors=sum(errors.values()),
-        seconds=seconds,
-        acquire_ms=percentiles(acquire_ms),
-        latency_ms=percentiles(latency_ms),
-        error_kinds=dict(errors),
-    )
+        progress(result.queries)
+    return result
 
 
 async def _configure(conn: Connection[Any]) -> None:
@@ -117,22 +111,7 @@ async def run_triopool(settings: Settings, progress: Callable[[int], None] | Non
         configure=_configure if settings.workload != "select1" else None,
         wait=True,
     ) as pool:
-
-        async def request() -> tuple[float, float]:
-            t0 = time.perf_counter()
-            async with pool.connection() as conn:
-                t1 = time.perf_counter()
-                if choose_txn(settings.workload, rng):
-                    async with conn.transaction():
-                        cur = await conn.execute(INSERT_ROW)
-                        row = await cur.fetchone()
-                        assert row is not None
-                        await conn.execute(SELECT_ROW, row)
-                else:
-                    await conn.execute(SELECT_ONE)
-                t2 = time.perf_counter()
-            return t1 - t0, t2 - t1
-
+        request = psycopg_request(pool, settings.workload, rng)
         if settings.warmup:
             await drive(
                 dataclasses.replace(settings, duration=settings.warmup, queries=None), request

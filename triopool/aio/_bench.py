@@ -12,60 +12,23 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .._bench._results import Result, Settings, percentiles
+from .._bench._results import Request, Result, Settings, Tally
 from .._bench._workload import (
     CREATE_TEMP_TABLE,
     INSERT_ROW,
     SELECT_ONE,
     SELECT_ROW,
     choose_txn,
+    psycopg_request,
 )
-
-Request = Callable[[], Awaitable[tuple[float, float]]]
 
 
 async def _drive(settings: Settings, request: Request) -> Result:
-    acquire_ms: list[float] = []
-    latency_ms: list[float] = []
-    errors: Counter[str] = Counter()
-    remaining = settings.queries
-    deadline = (
-        float("inf") if settings.duration is None else time.perf_counter() + settings.duration
-    )
-
-    def more() -> bool:
-        nonlocal remaining
-        if remaining is not None:
-            if remaining <= 0:
-                return False
-            remaining -= 1
-        return time.perf_counter() < deadline
-
-    async def client() -> None:  # noqa: ASYNC910  # asyncio code
-        while more():
-            try:
-                acquired, ran = await request()
-            except Exception as ex:
-                errors[type(ex).__name__] += 1
-            else:
-                acquire_ms.append(acquired * 1000)
-                latency_ms.append(ran * 1000)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(settings.clients)))
-    return Result(
-        stack="",
-        queries=len(latency_ms),
-        errors=sum(errors.values()),
-        seconds=time.perf_counter() - started,
-        acquire_ms=percentiles(acquire_ms),
-        latency_ms=percentiles(latency_ms),
-        error_kinds=dict(errors),
-    )
+    tally = Tally(settings)
+    await asyncio.gather(*(tally.client(request) for _ in range(settings.clients)))
+    return tally.result()
 
 
 async def _psycopg_pool(settings: Settings) -> Result:
@@ -86,22 +49,7 @@ async def _psycopg_pool(settings: Settings) -> Result:
         open=False,
     ) as pool:
         await pool.wait()
-
-        async def request() -> tuple[float, float]:
-            t0 = time.perf_counter()
-            async with pool.connection() as conn:
-                t1 = time.perf_counter()
-                if choose_txn(settings.workload, rng):
-                    async with conn.transaction():
-                        cur = await conn.execute(INSERT_ROW)
-                        row = await cur.fetchone()
-                        assert row is not None
-                        await conn.execute(SELECT_ROW, row)
-                else:
-                    await conn.execute(SELECT_ONE)
-                t2 = time.perf_counter()
-            return t1 - t0, t2 - t1
-
+        request = psycopg_request(pool, settings.workload, rng)
         if settings.warmup:
             await _drive(_warmup(settings), request)
         pool.pop_stats()

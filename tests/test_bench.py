@@ -1,0 +1,196 @@
+"""``triopool bench``, the main job, run as users run it: ``python -m triopool bench ...``.
+
+Each test runs the command in a subprocess against a real server: the suite's
+(``--dsn``) or the throwaway server the command starts for itself.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from _pool_checks import Server
+
+from triopool.testing._server import DIR_PREFIX, OWNER_FILE
+
+COMMAND = [sys.executable, "-m", "triopool", "bench"]
+#: Generous: the command starts a Python process, maybe a server, and runs a pool.
+RUN_TIMEOUT = 60
+
+
+def bench(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def bench_json(*args: str) -> dict[str, Any]:
+    done = bench(*args, "--json")
+    assert done.returncode == 0, done.stderr
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
+def folders_of(pid: int) -> list[Path]:
+    """The throwaway-server folders that process `pid` made."""
+    found = []
+    for folder in Path("/tmp").glob(DIR_PREFIX + "*"):
+        try:
+            if int((folder / OWNER_FILE).read_text()) == pid:
+                found.append(folder)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def within(seconds: float, condition: Callable[[], bool]) -> bool:
+    """Whether `condition()` holds within `seconds` (checked every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("workload", ["select1", "txn", "mixed"])
+def test_json_run_against_a_given_server(postgres_server: Server, workload: str) -> None:
+    """With ``--dsn``: exactly the requested number of requests, no error, the pool's
+    stats, and no trace left in the database (``txn`` uses a temporary table)."""
+    data = bench_json(
+        "--dsn",
+        postgres_server.dsn,
+        "--workload",
+        workload,
+        "--queries",
+        "300",
+        "--clients",
+        "20",
+        "--pool-min",
+        "2",
+        "--pool-max",
+        "4",
+    )
+    result = data["result"]
+    assert (result["queries"], result["errors"]) == (300, 0)
+    assert result["qps"] > 0
+    assert set(result["latency_ms"]) == set(result["acquire_ms"]) == {"p50", "p90", "p99", "max"}
+    stats = result["pool_stats"]
+    assert (stats["pool_min"], stats["pool_max"]) == (2, 4)
+    assert stats["requests_num"] >= 300
+    assert data["settings"]["workload"] == workload
+    assert "dsn" not in data["settings"]  # may hold a password
+    rows = postgres_server.execute(
+        "SELECT count(*) FROM pg_class WHERE relname = 'triopool_bench' AND relpersistence <> 't'"
+    )
+    assert rows == [(0,)]
+
+
+def test_without_dsn_runs_its_own_server_and_removes_it() -> None:
+    """The README's main job: no set-up, a results table, nothing left behind."""
+    process = subprocess.Popen(
+        [*COMMAND, "--queries", "200", "--clients", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = process.communicate(timeout=RUN_TIMEOUT)
+    assert process.returncode == 0, err
+    assert "starting a throwaway PostgreSQL server" in err
+    for heading in ("requests/s", "acquire wait", "query latency", "p99", "pool stats"):
+        assert heading in out, out
+    assert folders_of(process.pid) == []
+
+
+def test_ctrl_c_stops_the_run_and_removes_its_server() -> None:
+    """Ctrl-C (SIGINT) while the pool is busy: exit status 130, server gone."""
+    process = subprocess.Popen(
+        [*COMMAND, "--duration", "60", "--clients", "10"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert within(RUN_TIMEOUT, lambda: pool_running(process.pid)), "never got busy"
+        postmaster = postmaster_of(process.pid)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, err
+    assert "interrupted" in err
+    assert folders_of(process.pid) == []
+    assert within(5, lambda: not Path(f"/proc/{postmaster}").exists() or zombie(postmaster))
+
+
+def postmaster_of(pid: int) -> int:
+    (folder,) = folders_of(pid)
+    return int((folder / "data" / "postmaster.pid").read_text().split()[0])
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def pool_running(pid: int) -> bool:
+    """Whether the bench run by `pid` has its pool's connections on its own server."""
+    folders = folders_of(pid)
+    if not folders:
+        return False
+    try:
+        lines = (folders[0] / "data" / "postmaster.pid").read_text().splitlines()
+        if len(lines) < 8 or lines[7].strip() != "ready":
+            return False
+        conninfo = f"host=127.0.0.1 port={lines[3]} user=postgres dbname=postgres"
+        with psycopg.connect(conninfo, connect_timeout=2) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'triopool-bench'"
+            ).fetchone()
+    except (OSError, psycopg.Error):
+        return False
+    return row is not None and row[0] > 0
+
+
+def test_compare_runs_every_stack_and_gives_ratios(postgres_server: Server) -> None:
+    """``--compare``: each stack in its own process, medians and ratios to triopool."""
+    data = bench_json(
+        "--dsn", postgres_server.dsn, "--compare", "--rounds", "1", "--duration", "0.5"
+    )
+    medians = data["median_qps"]
+    assert {"triopool", "psycopg_pool"} <= set(medians)
+    assert all(qps > 0 for qps in medians.values()), medians
+    assert data["triopool_ratio"]["triopool"] == 1.0
+    for stack, runs in data["runs"].items():
+        assert len(runs) == 1 and runs[0]["errors"] == 0, (stack, runs)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--pool-min", "5", "--pool-max", "2"],
+        ["--pool-min", "-1"],
+        ["--pool-max", "0"],
+        ["--clients", "0"],
+        ["--duration", "-1"],
+        ["--plot", "out.png"],
+        ["--workload", "nope"],
+    ],
+)
+def test_bad_options_fail_at_once(args: list[str]) -> None:
+    """Bad input: exit status 2 and a message, before any server is started."""
+    done = bench(*args, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip()
+    assert "starting a throwaway" not in done.stderr
