@@ -1,3 +1,57 @@
-"""The suite runs against a throwaway PostgreSQL server (see triopool.testing)."""
+"""The suite runs against a throwaway PostgreSQL server (see triopool.testing).
+
+The fixtures here serve the connection tests (tests/test_connection*.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from _connection_helpers import connect, make_app_name
+
+import triopool
 
 pytest_plugins = ["triopool.testing.pytest_plugin"]
+
+Conn = triopool.Connection[Any]
+
+
+@pytest.fixture
+def app_name(request: pytest.FixtureRequest) -> str:
+    """An ``application_name`` naming the test, to find its backends on the server."""
+    return make_app_name(str(request.node.name))
+
+
+@asynccontextmanager
+async def _connection(dsn: str, name: str, **kwargs: Any) -> AsyncIterator[Conn]:
+    conn = await connect(dsn, name, **kwargs)
+    try:
+        yield conn
+    finally:
+        with trio.move_on_after(5, shield=True):
+            await conn.close()
+
+
+@pytest.fixture
+async def conn(postgres_dsn: str, app_name: str) -> AsyncIterator[Conn]:
+    """A connection in psycopg's default mode (autocommit off)."""
+    async with _connection(postgres_dsn, app_name) as connection:
+        yield connection
+
+
+@pytest.fixture
+async def aconn(postgres_dsn: str, app_name: str) -> AsyncIterator[Conn]:
+    """An autocommit connection."""
+    async with _connection(postgres_dsn, app_name, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+async def admin(postgres_dsn: str) -> AsyncIterator[Conn]:
+    """A second, autocommit connection to observe the first one from the outside."""
+    async with _connection(postgres_dsn, make_app_name("admin"), autocommit=True) as connection:
+        yield connection

@@ -17,7 +17,6 @@ from _connection_helpers import (
     agen,
     assert_usable_idle,
     connect,
-    make_app_name,
     tx_status,
     wait_backends_gone,
 )
@@ -29,44 +28,6 @@ from psycopg.rows import class_row, dict_row
 import triopool
 
 Conn = triopool.Connection[Any]
-
-
-@pytest.fixture
-def app_name(request: pytest.FixtureRequest) -> str:
-    return make_app_name(str(request.node.name))
-
-
-@pytest.fixture
-async def conn(postgres_dsn: str, app_name: str) -> AsyncIterator[Conn]:
-    """A connection in psycopg's default mode (autocommit off)."""
-    c = await connect(postgres_dsn, app_name)
-    try:
-        yield c
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await c.close()
-
-
-@pytest.fixture
-async def aconn(postgres_dsn: str, app_name: str) -> AsyncIterator[Conn]:
-    """An autocommit connection."""
-    c = await connect(postgres_dsn, app_name, autocommit=True)
-    try:
-        yield c
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await c.close()
-
-
-@pytest.fixture
-async def admin(postgres_dsn: str) -> AsyncIterator[Conn]:
-    """A second, autocommit connection to observe the first one from the outside."""
-    c = await connect(postgres_dsn, make_app_name("admin"), autocommit=True)
-    try:
-        yield c
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await c.close()
 
 
 @pytest.fixture

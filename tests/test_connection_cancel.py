@@ -8,7 +8,6 @@ the server (bounded, shielded), the connection is brought back to a known state 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -41,41 +40,6 @@ Conn = triopool.Connection[Any]
 ROWS_THEN_SLEEP = (
     "SELECT repeat('x', 10000) FROM generate_series(1, 5) UNION ALL SELECT pg_sleep(30)::text"
 )
-
-
-@pytest.fixture
-def app_name(request: pytest.FixtureRequest) -> str:
-    return make_app_name(str(request.node.name))
-
-
-@pytest.fixture
-async def aconn(postgres_dsn: str, app_name: str) -> AsyncIterator[Conn]:
-    c = await connect(postgres_dsn, app_name, autocommit=True)
-    try:
-        yield c
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await c.close()
-
-
-@pytest.fixture
-async def conn(postgres_dsn: str, app_name: str) -> AsyncIterator[Conn]:
-    c = await connect(postgres_dsn, app_name)
-    try:
-        yield c
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await c.close()
-
-
-@pytest.fixture
-async def admin(postgres_dsn: str) -> AsyncIterator[Conn]:
-    c = await connect(postgres_dsn, make_app_name("admin"), autocommit=True)
-    try:
-        yield c
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await c.close()
 
 
 async def assert_backend_not_running(admin: Conn, pid: int) -> None:

@@ -14,7 +14,6 @@ from _connection_helpers import (
     assert_same_error,
     assert_usable_idle,
     connect,
-    make_app_name,
     refused_port,
     stock_connect_error,
 )
@@ -23,11 +22,6 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 import triopool
-
-
-@pytest.fixture
-def app_name(request: pytest.FixtureRequest) -> str:
-    return make_app_name(str(request.node.name))
 
 
 async def check_connection(conn: triopool.Connection[Any], server: PostgresServer) -> None:
@@ -366,23 +360,23 @@ async def test_connect_cancelled_by_scope(tcp_proxy: TcpProxy) -> None:
 # --- errors: same as stock psycopg on asyncio, raised promptly ---------------------------------
 
 
-async def test_connect_error_role_does_not_exist(postgres_server: PostgresServer) -> None:
-    conninfo = postgres_server.conninfo(user="nosuchuser")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"user": "nosuchuser"}, 'role "nosuchuser" does not exist'),
+        ({"dbname": "nosuchdb"}, 'database "nosuchdb" does not exist'),
+    ],
+    ids=["role", "database"],
+)
+async def test_connect_error_does_not_exist(
+    postgres_server: PostgresServer, overrides: dict[str, str], message: str
+) -> None:
+    conninfo = postgres_server.conninfo(**overrides)
     t0 = trio.current_time()
     with pytest.raises(psycopg.OperationalError) as excinfo:
         await triopool.Connection.connect(conninfo)
     assert trio.current_time() - t0 < 1.0
-    assert 'role "nosuchuser" does not exist' in str(excinfo.value)
-    assert_same_error(excinfo.value, await stock_connect_error(conninfo))
-
-
-async def test_connect_error_database_does_not_exist(postgres_server: PostgresServer) -> None:
-    conninfo = postgres_server.conninfo(dbname="nosuchdb")
-    t0 = trio.current_time()
-    with pytest.raises(psycopg.OperationalError) as excinfo:
-        await triopool.Connection.connect(conninfo)
-    assert trio.current_time() - t0 < 1.0
-    assert 'database "nosuchdb" does not exist' in str(excinfo.value)
+    assert message in str(excinfo.value)
     assert_same_error(excinfo.value, await stock_connect_error(conninfo))
 
 

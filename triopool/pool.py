@@ -525,22 +525,24 @@ class ConnectionPool:
                 self._log(logging.WARNING, "connection failed check, discarding it: %s", ex)
                 now = trio.current_time()
                 self._execute(self._policy.release(slot, now, BROKEN, by_pool=True))
-                if failed_checks is None:
-                    failed_checks = self._policy.retry_delays()
-                else:
-                    await trio.sleep_until(min(now + failed_checks.next(), deadline))
-                    now = trio.current_time()
-                    if now >= deadline:
-                        raise self._timeout_error(wait_for) from ex
-                continue
+                check_error = ex
             except BaseException:
                 self._give_back(slot, conn)
                 raise
-            if scope.cancelled_caught:
-                self._give_back(slot, conn)
-                raise self._timeout_error(wait_for)
-            self._lend(slot, task, trio.current_time())
-            return conn
+            else:
+                if scope.cancelled_caught:
+                    self._give_back(slot, conn)
+                    raise self._timeout_error(wait_for)
+                self._lend(slot, task, trio.current_time())
+                return conn
+            # The check failed: try another connection, backing off after the first.
+            if failed_checks is None:
+                failed_checks = self._policy.retry_delays()
+                continue
+            await trio.sleep_until(min(now + failed_checks.next(), deadline))
+            now = trio.current_time()
+            if now >= deadline:
+                raise self._timeout_error(wait_for) from check_error
 
     def _lend(self, slot: int, task: Task, now: float) -> None:
         """Record who holds `slot` (for `holders` and leak detection)."""
