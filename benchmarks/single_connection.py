@@ -60,27 +60,18 @@ async def _triopool_run(dsn: str, duration: float) -> RunResult:
     from triopool import Connection
 
     async with await Connection.connect(dsn, autocommit=True) as conn:
-        for _ in range(WARMUP_QUERIES):
-            await (await conn.execute(QUERY)).fetchone()
-        queries = 0
-        start = now = time.perf_counter()
-        deadline = start + duration
-        while now < deadline:
-            await (await conn.execute(QUERY)).fetchone()
-            queries += 1
-            now = time.perf_counter()
-    return {"queries": queries, "seconds": now - start}
+        return await _timed_loop(conn, duration)
 
 
 async def _asyncio_run(dsn: str, duration: float) -> RunResult:
     import psycopg
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        return await _asyncio_loop(conn, duration)
+        return await _timed_loop(conn, duration)
 
 
-async def _asyncio_loop(conn: psycopg.AsyncConnection[Any], duration: float) -> RunResult:
-    """The timed loop on a `psycopg.AsyncConnection`, for asyncio code."""
+async def _timed_loop(conn: psycopg.AsyncConnection[Any], duration: float) -> RunResult:
+    """The timed loop, on a `psycopg.AsyncConnection` (a `triopool.Connection` is one)."""
     for _ in range(WARMUP_QUERIES):
         await (await conn.execute(QUERY)).fetchone()
     queries = 0
@@ -90,7 +81,7 @@ async def _asyncio_loop(conn: psycopg.AsyncConnection[Any], duration: float) -> 
         await (await conn.execute(QUERY)).fetchone()
         queries += 1
         now = time.perf_counter()
-    return {"queries": queries, "seconds": now - start}  # noqa: ASYNC910  # asyncio code
+    return {"queries": queries, "seconds": now - start}  # noqa: ASYNC910  # warm-up awaits
 
 
 async def _aio_run(dsn: str, duration: float) -> RunResult:
@@ -101,7 +92,7 @@ async def _aio_run(dsn: str, duration: float) -> RunResult:
 
     async def borrow_and_loop(apool: AsyncioPool) -> RunResult:
         async with apool.connection() as conn:
-            return await _asyncio_loop(conn, duration)
+            return await _timed_loop(conn, duration)
 
     async with (
         trio_asyncio.open_loop(),
