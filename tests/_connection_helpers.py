@@ -12,7 +12,7 @@ import re
 import socket
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Protocol, TypeVar, cast
 
 import psycopg
@@ -63,6 +63,17 @@ def make_app_name(nodename: str) -> str:
 async def connect(dsn: str, app_name: str, **kwargs: Any) -> triopool.Connection[Any]:
     """Open a ``triopool.Connection`` tagged with ``app_name``."""
     return await triopool.Connection.connect(dsn, application_name=app_name, **kwargs)
+
+
+@asynccontextmanager
+async def opened(*args: Any, **kwargs: Any) -> AsyncIterator[triopool.Connection[Any]]:
+    """``triopool.Connection.connect(*args, **kwargs)``, closed at the end (shielded, 5 s)."""
+    conn = await triopool.Connection.connect(*args, **kwargs)
+    try:
+        yield conn
+    finally:
+        with trio.move_on_after(5, shield=True):
+            await conn.close()
 
 
 async def backend_activity(admin: triopool.Connection[Any], pid: int) -> tuple[str, str] | None:

@@ -6,12 +6,10 @@ The fixtures here serve the connection tests (tests/test_connection*.py).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-import trio
-from _connection_helpers import connect, make_app_name
+from _connection_helpers import make_app_name, opened
 
 import triopool
 
@@ -26,32 +24,24 @@ def app_name(request: pytest.FixtureRequest) -> str:
     return make_app_name(str(request.node.name))
 
 
-@asynccontextmanager
-async def _connection(dsn: str, name: str, **kwargs: Any) -> AsyncIterator[Conn]:
-    conn = await connect(dsn, name, **kwargs)
-    try:
-        yield conn
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await conn.close()
-
-
 @pytest.fixture
 async def conn(postgres_dsn: str, app_name: str) -> AsyncIterator[Conn]:
     """A connection in psycopg's default mode (autocommit off)."""
-    async with _connection(postgres_dsn, app_name) as connection:
+    async with opened(postgres_dsn, application_name=app_name) as connection:
         yield connection
 
 
 @pytest.fixture
 async def aconn(postgres_dsn: str, app_name: str) -> AsyncIterator[Conn]:
     """An autocommit connection."""
-    async with _connection(postgres_dsn, app_name, autocommit=True) as connection:
+    async with opened(postgres_dsn, application_name=app_name, autocommit=True) as connection:
         yield connection
 
 
 @pytest.fixture
 async def admin(postgres_dsn: str) -> AsyncIterator[Conn]:
     """A second, autocommit connection to observe the first one from the outside."""
-    async with _connection(postgres_dsn, make_app_name("admin"), autocommit=True) as connection:
+    async with opened(
+        postgres_dsn, application_name=make_app_name("admin"), autocommit=True
+    ) as connection:
         yield connection

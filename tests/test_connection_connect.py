@@ -14,6 +14,7 @@ from _connection_helpers import (
     assert_same_error,
     assert_usable_idle,
     connect,
+    opened,
     refused_port,
     stock_connect_error,
 )
@@ -41,35 +42,25 @@ async def check_connection(conn: triopool.Connection[Any], server: PostgresServe
 async def test_connect_url(postgres_server: PostgresServer, app_name: str) -> None:
     assert postgres_server.dsn.startswith("postgresql://")
     sep = "&" if "?" in postgres_server.dsn else "?"
-    conn = await triopool.Connection.connect(
-        f"{postgres_server.dsn}{sep}application_name={app_name}"
-    )
-    try:
+    async with opened(f"{postgres_server.dsn}{sep}application_name={app_name}") as conn:
         await check_connection(conn, postgres_server)
         cur = await conn.execute("SHOW application_name")
         assert await cur.fetchone() == (app_name,)
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await conn.close()
 
 
 async def test_connect_key_value_conninfo(postgres_server: PostgresServer, app_name: str) -> None:
     conninfo = postgres_server.conninfo(application_name=app_name)
     assert "=" in conninfo
     assert not conninfo.startswith("postgresql://")
-    conn = await triopool.Connection.connect(conninfo)
-    try:
+    async with opened(conninfo) as conn:
         await check_connection(conn, postgres_server)
         cur = await conn.execute("SHOW application_name")
         assert await cur.fetchone() == (app_name,)
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await conn.close()
 
 
 async def test_connect_kwargs(postgres_server: PostgresServer, app_name: str) -> None:
     params = conninfo_to_dict(postgres_server.dsn)
-    conn = await triopool.Connection.connect(
+    async with opened(
         host=postgres_server.host,
         port=postgres_server.port,
         user=params.get("user", "postgres"),
@@ -77,14 +68,10 @@ async def test_connect_kwargs(postgres_server: PostgresServer, app_name: str) ->
         application_name=app_name,
         autocommit=True,
         password=params.get("password"),
-    )
-    try:
+    ) as conn:
         await check_connection(conn, postgres_server)
         assert conn.autocommit
         assert conn.info.host == postgres_server.host
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await conn.close()
 
 
 async def test_connect_kwargs_override_conninfo(
@@ -92,13 +79,9 @@ async def test_connect_kwargs_override_conninfo(
 ) -> None:
     # kwargs win over the conninfo string, as in psycopg.
     conninfo = postgres_server.conninfo(application_name="overridden")
-    conn = await triopool.Connection.connect(conninfo, application_name=app_name)
-    try:
+    async with opened(conninfo, application_name=app_name) as conn:
         cur = await conn.execute("SHOW application_name")
         assert await cur.fetchone() == (app_name,)
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await conn.close()
 
 
 async def test_connect_options_applied(postgres_dsn: str, app_name: str) -> None:
@@ -118,16 +101,12 @@ async def test_connect_options_applied(postgres_dsn: str, app_name: str) -> None
 async def test_connect_localhost_dns(postgres_server: PostgresServer, app_name: str) -> None:
     # "localhost" must be resolved (through trio) before libpq connects; the server listens on
     # 127.0.0.1 only, so a ::1 address, if any, is refused and the next one is tried.
-    conn = await triopool.Connection.connect(
+    async with opened(
         postgres_server.conninfo(host="localhost", application_name=app_name)
-    )
-    try:
+    ) as conn:
         await check_connection(conn, postgres_server)
         assert conn.info.host == "localhost"
         assert conn.info.hostaddr == "127.0.0.1"
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await conn.close()
 
 
 async def test_connect_multi_host_dead_first(
@@ -165,16 +144,12 @@ async def test_connect_multi_host_all_dead(postgres_server: PostgresServer) -> N
 async def test_connect_target_session_attrs(
     postgres_server: PostgresServer, app_name: str, attrs: str
 ) -> None:
-    conn = await triopool.Connection.connect(
+    async with opened(
         postgres_server.conninfo(target_session_attrs=attrs, application_name=app_name)
-    )
-    try:
+    ) as conn:
         await check_connection(conn, postgres_server)
         cur = await conn.execute("SELECT pg_is_in_recovery()")
         assert await cur.fetchone() == (False,)
-    finally:
-        with trio.move_on_after(5, shield=True):
-            await conn.close()
 
 
 @pytest.mark.parametrize("attrs", ["read-only", "standby"])
@@ -220,12 +195,8 @@ async def test_connect_load_balance_random_equal_hosts(
         application_name=app_name,
     )
     for _ in range(3):
-        conn = await triopool.Connection.connect(conninfo)
-        try:
+        async with opened(conninfo) as conn:
             await check_connection(conn, postgres_server)
-        finally:
-            with trio.move_on_after(5, shield=True):
-                await conn.close()
 
 
 async def _count_and_drop(listeners: list[trio.SocketListener], hits: list[int]) -> None:
@@ -262,12 +233,8 @@ async def test_connect_load_balance_hosts_order(
             application_name=app_name,
         )
         for _ in range(n):
-            conn = await triopool.Connection.connect(conninfo)
-            try:
+            async with opened(conninfo) as conn:
                 assert conn.info.port == postgres_server.port
-            finally:
-                with trio.move_on_after(5, shield=True):
-                    await conn.close()
         nursery.cancel_scope.cancel()
     for listener in listeners:
         await listener.aclose()
