@@ -129,10 +129,11 @@ async def test_returned_connection_closed_or_kept(
         assert conn.closed is is_null(pool_cls)
 
 
-async def test_putconn_to_the_wrong_pool(
+async def test_putconn_of_a_connection_not_lent(
     pool_cls: PoolClass, postgres_server: Server, name: str
 ) -> None:
-    """``putconn`` of another pool's connection is a `ValueError`, and harmless."""
+    """``putconn`` of a connection the pool has not lent (another pool's, one from
+    no pool, one already given back) is a `ValueError`, and harmless."""
     size = min_for(pool_cls, 1)
     async with (
         contract_pool(pool_cls, postgres_server, name, min_size=size) as one,
@@ -141,7 +142,15 @@ async def test_putconn_to_the_wrong_pool(
         conn = await one.getconn()
         with pytest.raises(ValueError, match="not lent"):
             await other.putconn(conn)
+        async with await triopool.Connection.connect(postgres_server.dsn) as foreign:
+            with pytest.raises(ValueError, match="not lent"):
+                await one.putconn(foreign)
+            assert not foreign.closed
         await one.putconn(conn)
+        with pytest.raises(ValueError, match="not lent"):
+            await one.putconn(conn)
+        async with one.connection() as again:  # still serving
+            await again.execute("SELECT 1")
 
 
 async def make_state(
@@ -293,13 +302,16 @@ async def test_fifo_with_many_waiters(
     pool_cls: PoolClass, postgres_server: Server, name: str
 ) -> None:
     """Twenty clients queued for one busy connection are served strictly in
-    arrival order (a second connection stays lent throughout)."""
+    arrival order (a second connection stays lent throughout); one cancelled by
+    its own scope while queued leaves the queue and the order of the others."""
     served: list[int] = []
+    scopes = [trio.CancelScope() for _ in range(20)]
 
     async def client(i: int) -> None:
-        async with pool.connection() as conn:
-            served.append(i)
-            await conn.execute("SELECT 1")
+        with scopes[i]:
+            async with pool.connection() as conn:
+                served.append(i)
+                await conn.execute("SELECT 1")
 
     async with contract_pool(
         pool_cls, postgres_server, name, min_size=min_for(pool_cls, 2), max_size=2
@@ -309,8 +321,11 @@ async def test_fifo_with_many_waiters(
             for i in range(20):
                 nursery.start_soon(client, i)
                 await wait_queued(pool, i + 1)
+            scopes[7].cancel()
+            await wait_queued(pool, 19)
             await pool.putconn(circulating)
-        assert served == list(range(20))
+        assert scopes[7].cancelled_caught
+        assert served == [i for i in range(20) if i != 7]
         await pool.putconn(held)
 
 

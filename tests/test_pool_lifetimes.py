@@ -42,29 +42,52 @@ async def test_opening_styles(
 ) -> None:
     """``async with pool`` and ``nursery.start(pool.run)`` open the pool, which
     serves at once and closes every backend when closed or when ``run`` is
-    cancelled."""
+    cancelled; a connection lent then stays the caller's, usable, until it is
+    given back, and is closed then."""
     pool = pool_cls(
         postgres_server.dsn, min_size=min_for(pool_cls, 2), kwargs={"application_name": name}
     )
 
-    async def use() -> None:
+    async def use() -> triopool.Connection[Any]:
         async with pool.connection() as conn:  # served while filling goes on
             await conn.execute("SELECT 1")
         await pool.wait(5)
         expected = min_for(pool_cls, 2)
         assert await settled_backends(postgres_server, name, expected) == expected
+        return await pool.getconn()  # still lent when the pool closes
 
     if style == "async_with":
         async with pool:
-            await use()
+            lent = await use()
     else:
         async with trio.open_nursery() as nursery:
             assert await nursery.start(pool.run) is pool
-            await use()
+            lent = await use()
             if style == "nursery_close":
                 await pool.close()
             else:
                 nursery.cancel_scope.cancel()
+    assert pool.closed
+    assert not lent.closed
+    cur = await lent.execute("SELECT 1")
+    assert await cur.fetchone() == (1,)
+    await pool.putconn(lent)
+    assert lent.closed
+    await assert_settled(pool, postgres_server, name)
+
+
+async def test_open_pool_wait_enters_at_min_size(postgres_server: Server, name: str) -> None:
+    """``open_pool(wait=True)`` enters its block once ``min_size`` connections are
+    ready, and closes the pool (every backend) when the block ends."""
+    async with triopool.open_pool(
+        postgres_server.dsn,
+        min_size=2,
+        max_size=4,
+        kwargs={"application_name": name},
+        wait=True,
+    ) as pool:
+        assert pool.status() == triopool.PoolStatus(max_size=4, size=2, available=2, waiting=0)
+        assert await settled_backends(postgres_server, name, 2) == 2
     assert pool.closed
     await assert_settled(pool, postgres_server, name)
 
@@ -88,7 +111,7 @@ def test_constructed_outside_trio_run(
 
 async def test_opened_only_once(pool_cls: PoolClass, postgres_server: Server, name: str) -> None:
     """Opening an open pool again, either way, fails with `PoolClosed` and leaves
-    it serving; a closed pool cannot be reopened."""
+    it serving; a closed pool cannot be reopened, either way."""
     async with contract_pool(
         pool_cls, postgres_server, name, min_size=min_for(pool_cls, 1)
     ) as pool:
@@ -103,6 +126,9 @@ async def test_opened_only_once(pool_cls: PoolClass, postgres_server: Server, na
     async with trio.open_nursery() as nursery:
         with pytest.raises(PoolClosed):
             await nursery.start(pool.run)
+    with pytest.raises(PoolClosed):
+        async with pool:
+            pytest.fail("reopened")
 
 
 async def test_requests_before_opening_fail(pool_cls: PoolClass, postgres_dsn: str) -> None:
@@ -239,18 +265,25 @@ BOTH_INVALID: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"conninfo": 3}, TypeError, "conninfo"),
     ({"kwargs": ["host"]}, TypeError, "kwargs"),
     ({"min_size": -1}, ValueError, "min_size"),
+    ({"min_size": 1.5}, TypeError, "min_size"),
+    ({"min_size": True}, TypeError, "min_size"),
     ({"max_size": -1}, ValueError, "max_size"),
+    ({"timeout": -1}, ValueError, "timeout"),
     ({"timeout": float("nan")}, ValueError, "timeout"),
     ({"timeout": "1"}, TypeError, "timeout"),
     ({"max_waiting": 1.5}, TypeError, "max_waiting"),
+    ({"max_waiting": -2}, ValueError, "max_waiting"),
     ({"max_lifetime": -1}, ValueError, "max_lifetime"),
     ({"max_idle": -0.5}, ValueError, "max_idle"),
+    ({"max_idle": "x"}, TypeError, "max_idle"),
     ({"reconnect_timeout": float("nan")}, ValueError, "reconnect_timeout"),
     ({"leak_timeout": -1}, ValueError, "leak_timeout"),
     ({"name": 3}, TypeError, "name"),
+    ({"configure": 42}, TypeError, "configure"),
     ({"reset": "x"}, TypeError, "reset"),
     ({"check": 1}, TypeError, "check"),
     ({"reconnect_failed": 1}, TypeError, "reconnect_failed"),
+    ({"connection_class": psycopg.AsyncConnection}, TypeError, "connection_class"),
 ]
 
 
@@ -263,6 +296,26 @@ def test_invalid_parameters_name_the_parameter(
     conninfo = options.pop("conninfo", "")
     with pytest.raises(error, match=match):
         pool_cls(conninfo, **options)
+
+
+def test_invalid_sizes_for_the_class(pool_cls: PoolClass) -> None:
+    """``min_size`` above ``max_size`` is a `ValueError` naming ``max_size``; a null
+    pool refuses any ``min_size`` but 0, naming it."""
+    if is_null(pool_cls):
+        with pytest.raises(ValueError, match="min_size"):
+            pool_cls("", min_size=1)
+        with pytest.raises(ValueError, match="min_size"):
+            pool_cls("", min_size=4, max_size=2)
+    else:
+        with pytest.raises(ValueError, match="max_size"):
+            pool_cls("", min_size=4, max_size=2)
+
+
+def test_malformed_conninfo_fails_at_construction(pool_cls: PoolClass) -> None:
+    """A conninfo string psycopg cannot parse fails when the pool is built, not
+    when it first connects."""
+    with pytest.raises(psycopg.ProgrammingError, match='invalid connection option "b"'):
+        pool_cls("host=a b==c")
 
 
 @pytest.mark.parametrize(
@@ -290,13 +343,14 @@ async def test_invalid_request_timeout(
             await pool.getconn(timeout=-1)
 
 
-def test_null_pool_defaults() -> None:
-    """A null pool's defaults are psycopg_pool's: sizes 0 (no limit), the rest as
-    `ConnectionPool`'s."""
-    pool = NullConnectionPool("")
-    assert (pool.min_size, pool.max_size, pool.timeout, pool.max_waiting) == (0, 0, 30.0, 0)
+def test_defaults_are_psycopg_pools(pool_cls: PoolClass) -> None:
+    """The defaults are psycopg_pool's: sizes 4 for a `ConnectionPool`, 0 (no limit)
+    for a null pool; the rest the same for both; each pool gets its own name."""
+    pool = pool_cls("")
+    sizes = (0, 0) if is_null(pool_cls) else (4, 4)
+    assert (pool.min_size, pool.max_size, pool.timeout, pool.max_waiting) == (*sizes, 30.0, 0)
     assert (pool.max_lifetime, pool.max_idle, pool.reconnect_timeout) == (3600.0, 600.0, 300.0)
-    assert pool.name.startswith("pool-") and pool.name != NullConnectionPool("").name
+    assert pool.name.startswith("pool-") and pool.name != pool_cls("").name
 
 
 # -- sizing -----------------------------------------------------------------------
@@ -498,6 +552,10 @@ async def test_drain_replaces_every_connection(
 # -- statistics and status --------------------------------------------------------
 
 GAUGES = ("pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting")
+COUNTERS = (
+    "requests_num", "requests_queued", "requests_wait_ms", "requests_errors", "usage_ms",
+    "returns_bad", "connections_num", "connections_ms", "connections_errors", "connections_lost",
+)  # fmt: skip
 
 
 async def test_stats_count_requests_waits_and_returns(
@@ -505,12 +563,13 @@ async def test_stats_count_requests_waits_and_returns(
 ) -> None:
     """psycopg_pool's stats: gauges while clients wait; counters for requests,
     queueing, wait and usage time, timeouts, bad returns and connections;
-    ``pop_stats`` resets the counters, not the gauges."""
+    ``pop_stats`` resets the counters, not the gauges.  Every key is always there."""
     async with contract_pool(
         pool_cls, postgres_server, name, min_size=min_for(pool_cls, 2), max_size=2
     ) as pool:
         await pool.wait(5)
         stats = pool.get_stats()
+        assert set(stats) == {*GAUGES, *COUNTERS}
         assert (stats["pool_min"], stats["pool_max"]) == (min_for(pool_cls, 2), 2)
         assert stats["pool_size"] == stats["pool_available"] == min_for(pool_cls, 2)
         held = [await pool.getconn(), await pool.getconn()]
@@ -540,6 +599,7 @@ async def test_stats_count_requests_waits_and_returns(
         assert stats["connections_ms"] > 0
         assert stats["connections_errors"] == stats["connections_lost"] == 0
         after = pool.get_stats()
+        assert set(stats) == set(after) == {*GAUGES, *COUNTERS}
         assert {key: after[key] for key in GAUGES} == {key: stats[key] for key in GAUGES}
         assert all(after[key] == 0 for key in after if key not in GAUGES)
 
