@@ -18,14 +18,17 @@ round trip) back to back for ``--duration`` seconds after a short warm-up:
 Every run is a fresh process that imports only its own event loop (the ``aio`` side
 imports trio and trio-asyncio); the order of the sides rotates every round so drift on
 the machine hits all of them. Prints q/s per round, the medians and the ratios to asyncio
-(above 1: faster than asyncio). No pool is involved in the timed loop: this is the cost of
-each wait loop per round trip.
+(above 1: faster than asyncio), and where each query's time went in the client process:
+user and system CPU (of all its threads), and the rest (waiting for the server, and for the
+operating system to wake the process up; negative if other threads kept a CPU busy). No pool is involved in the timed loop: this is the cost of each wait loop
+per round trip.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -51,6 +54,8 @@ WARMUP_QUERIES = 200
 class RunResult(TypedDict):
     queries: int
     seconds: float
+    user: float  # CPU seconds of the timed loop
+    system: float
 
 
 # --- the workers (each runs in a process of its own) -----------------------------------
@@ -75,13 +80,20 @@ async def _timed_loop(conn: psycopg.AsyncConnection[Any], duration: float) -> Ru
     for _ in range(WARMUP_QUERIES):
         await (await conn.execute(QUERY)).fetchone()
     queries = 0
+    cpu = os.times()
     start = now = time.perf_counter()
     deadline = start + duration
     while now < deadline:
         await (await conn.execute(QUERY)).fetchone()
         queries += 1
         now = time.perf_counter()
-    return {"queries": queries, "seconds": now - start}  # noqa: ASYNC910  # warm-up awaits
+    used = os.times()
+    return {  # noqa: ASYNC910  # warm-up awaits
+        "queries": queries,
+        "seconds": now - start,
+        "user": used.user - cpu.user,
+        "system": used.system - cpu.system,
+    }
 
 
 async def _aio_run(dsn: str, duration: float) -> RunResult:
@@ -122,29 +134,41 @@ def worker(stack: Stack, dsn: str, duration: float) -> None:
 # --- the driver ------------------------------------------------------------------------
 
 
-def run_in_subprocess(stack: Stack, dsn: str, duration: float) -> float:
-    """Run one side in a fresh interpreter; return its queries per second."""
+def run_in_subprocess(stack: Stack, dsn: str, duration: float) -> RunResult:
+    """Run one side in a fresh interpreter; return what it measured."""
     argv = [sys.executable, __file__, "--worker", stack, "--dsn", dsn, f"--duration={duration}"]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"the {stack} run failed (exit status {proc.returncode})")
     result: RunResult = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result["queries"] / result["seconds"]
+    return result
+
+
+def qps_of(run: RunResult) -> float:
+    return run["queries"] / run["seconds"]
+
+
+def time_split_us(runs: list[RunResult]) -> dict[str, float]:
+    """Medians over `runs` of µs per query: user CPU, system CPU, and the rest."""
+    user = statistics.median(run["user"] / run["queries"] * 1e6 for run in runs)
+    system = statistics.median(run["system"] / run["queries"] * 1e6 for run in runs)
+    total = statistics.median(run["seconds"] / run["queries"] * 1e6 for run in runs)
+    return {"user": user, "system": system, "other": total - user - system}
 
 
 def compare(
     dsn: str, stacks: tuple[Stack, ...], rounds: int, duration: float, *, verbose: bool
-) -> dict[Stack, list[float]]:
-    qps: dict[Stack, list[float]] = {stack: [] for stack in stacks}
+) -> dict[Stack, list[RunResult]]:
+    runs: dict[Stack, list[RunResult]] = {stack: [] for stack in stacks}
     for round_no in range(rounds):
         shift = round_no % len(stacks)
         for stack in stacks[shift:] + stacks[:shift]:
-            qps[stack].append(run_in_subprocess(stack, dsn, duration))
+            runs[stack].append(run_in_subprocess(stack, dsn, duration))
         if verbose:
-            line = "   ".join(f"{stack} {qps[stack][-1]:8.0f} q/s" for stack in stacks)
+            line = "   ".join(f"{stack} {qps_of(runs[stack][-1]):8.0f} q/s" for stack in stacks)
             print(f"round {round_no + 1}/{rounds}: {line}", flush=True)
-    return qps
+    return runs
 
 
 def parse_stacks(text: str) -> tuple[Stack, ...]:
@@ -187,8 +211,10 @@ def main() -> None:
             flush=True,
         )
     with server_dsn(args.dsn) as dsn:
-        qps = compare(dsn, stacks, args.rounds, args.duration, verbose=not args.json)
+        runs = compare(dsn, stacks, args.rounds, args.duration, verbose=not args.json)
+    qps = {stack: [qps_of(run) for run in runs[stack]] for stack in stacks}
     medians = {stack: statistics.median(qps[stack]) for stack in stacks}
+    split = {stack: time_split_us(runs[stack]) for stack in stacks}
     ratios = {
         f"ratio_{stack}_to_asyncio": medians[stack] / medians["asyncio"]
         for stack in stacks
@@ -204,11 +230,15 @@ def main() -> None:
             "duration": args.duration,
             "qps": qps,
             "median_qps": medians,
+            "median_us_per_query": split,
             **ratios,
         }
         print(json.dumps(report, indent=2))
         return
     print("median: " + ", ".join(f"{LABELS[s]} {medians[s]:.0f} q/s" for s in stacks))
+    for stack in stacks:
+        parts = ", ".join(f"{key} {value:.1f}" for key, value in split[stack].items())
+        print(f"µs per query, {LABELS[stack]}: {parts}")
     if ratios:
         print(
             "ratios: " + ", ".join(f"{k.removeprefix('ratio_')} {v:.2f}" for k, v in ratios.items())
