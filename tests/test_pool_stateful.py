@@ -292,6 +292,13 @@ class PoolMachine(RuleBasedStateMachine):
     def kill_idle(self, data: st.DataObject) -> None:
         self._kill(data.draw(st.sampled_from(self.idle_connections())))
 
+    @precondition(lambda self: len(self.idle_connections()) > 1)
+    @rule()
+    def kill_every_idle(self) -> None:
+        """As after a server restart: a client may then fail ``check`` twice and back off."""
+        for conn in self.idle_connections():
+            self._kill(conn)
+
     def _kill(self, conn: Connection) -> None:
         self.kill(conn)
         self.killed.append(conn)
@@ -355,13 +362,17 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def nobody_waits_past_deadline_or_beside_an_idle_connection(self) -> None:
         now = self.clock.current_time()
-        waiting = self.waiting()  # queued, or checking the connection granted
-        queued = [client for client in waiting if not client.in_check]
-        bound = queued if self.checks_overrun_deadlines else waiting
+        # Waiting: queued, checking the connection granted, or (after failed checks)
+        # backing off before asking again.
+        waiting = self.waiting()
+        not_checking = [client for client in waiting if not client.in_check]
+        surely_queued = [client for client in not_checking if not client.failed_check]
+        bound = not_checking if self.checks_overrun_deadlines else waiting
         assert all(client.deadline > now for client in bound)
-        assert self.pool.status().waiting == len(queued)
-        if queued:
-            assert self.pool.status().available == 0
+        status = self.pool.status()
+        assert len(surely_queued) <= status.waiting <= len(not_checking)
+        if status.waiting:
+            assert status.available == 0
 
     def teardown(self) -> None:
         try:
