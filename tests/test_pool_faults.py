@@ -353,6 +353,31 @@ async def test_server_frozen(server: PostgresServer) -> None:
     )
 
 
+async def test_check_on_a_frozen_server_ends_at_the_timeout(server: PostgresServer) -> None:
+    """A ``check`` hanging on a frozen server is cut at the request's timeout: the client
+    gets PoolTimeout then, not ``cancel_timeout`` (5 s) later; the connection is
+    discarded, and the pool serves again once the server runs."""
+    name = app_name("tp_fault_frozen_check")
+    conninfo = server.conninfo(application_name=name)
+    async with triopool.open_pool(
+        conninfo, min_size=1, max_size=1, check=ConnectionPool.check_connection, wait=True
+    ) as pool:
+        (before,) = pool_pids(pool)
+        await call_server(server.pause)
+        try:
+            start = trio.current_time()
+            with pytest.raises(PoolTimeout):
+                await pool.getconn(timeout=1.0)
+            late = trio.current_time() - start - 1.0
+        finally:
+            with trio.move_on_after(5, shield=True):  # resume even if the test failed
+                await call_server(server.resume)
+        assert 0 <= late < SLACK, late
+        async with pool.connection(timeout=RECOVERY_BOUND) as conn:
+            assert conn.info.backend_pid != before
+    report("check on a frozen server", timeout_late_by=late)
+
+
 async def test_network_blackhole(tcp_proxy: TcpProxy, postgres_server: Server) -> None:
     """Network blackholed (TCP proxy holding every byte): requests end at their timeouts
     and cancel scopes, connects at ``connect_timeout``; the pool recovers once healed."""

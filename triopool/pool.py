@@ -89,6 +89,8 @@ KwargsParam: TypeAlias = (
 )
 
 _IDLE = pq.TransactionStatus.IDLE
+#: Bound of `ConnectionPool.check_connection`'s shielded restoring of autocommit.
+_RESTORE_TIMEOUT = 5.0
 _DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 
 #: SQLSTATEs after which a pool with ``drain_on_failover`` replaces the
@@ -485,7 +487,10 @@ class ConnectionPool:
         With a ``check`` callback, a connection failing it is discarded and
         another one is tried within the same time: at once after the first
         failure, then after 1 s, 2 s, 4 s... (±10 %), as psycopg_pool does, so
-        that a check failing on every new connection is no busy loop.
+        that a check failing on every new connection is no busy loop.  A
+        check still running at the deadline is cut there: the connection it
+        was checking is closed (not cancelled politely on the server, which
+        could take `Connection.cancel_timeout` more).
 
         Checkpoints: always.  If cancelled: no connection is taken (one
         already on its way to this caller goes to the next waiter or back to
@@ -520,7 +525,7 @@ class ConnectionPool:
                 return conn
             try:
                 with trio.move_on_at(deadline) as scope:
-                    await self._check(conn)
+                    await self._run_check(conn)
             except Exception as ex:
                 self._log(logging.WARNING, "connection failed check, discarding it: %s", ex)
                 now = trio.current_time()
@@ -543,6 +548,22 @@ class ConnectionPool:
             now = trio.current_time()
             if now >= deadline:
                 raise self._timeout_error(wait_for) from check_error
+
+    async def _run_check(self, conn: AnyConnection) -> None:
+        """The ``check`` callback on `conn`, cut short without ado.
+
+        A query it runs that is cancelled (the request's deadline, the
+        caller's scope) is not cancelled politely on the server (that can
+        take up to `Connection.cancel_timeout`, say on a frozen server): the
+        connection is closed at once, and so discarded.
+        """
+        assert self._check is not None
+        polite = conn.cancel_timeout
+        conn.cancel_timeout = 0.0
+        try:
+            await self._check(conn)
+        finally:
+            conn.cancel_timeout = polite
 
     def _lend(self, slot: int, task: Task, now: float) -> None:
         """Record who holds `slot` (for `holders` and leak detection)."""
@@ -751,8 +772,10 @@ class ConnectionPool:
         try:
             await conn.execute("")
         finally:
-            # Even if cancelled: the connection must not go back autocommit.
-            with trio.move_on_after(conn.cancel_timeout, shield=True):  # noqa: ASYNC912  # shielded cleanup
+            # Even if cancelled: the connection must not go back autocommit.  (Not
+            # bounded by conn.cancel_timeout, which the pool zeroes while checking: on
+            # an idle connection this does no I/O.)
+            with trio.move_on_after(_RESTORE_TIMEOUT, shield=True):  # noqa: ASYNC912  # shielded cleanup
                 if not conn.closed:
                     await conn.set_autocommit(False)
 
