@@ -135,9 +135,6 @@ class PoolMachine(RuleBasedStateMachine):
 
     #: Real seconds for I/O in flight to land after each step (see `TrioThread.step`).
     settle = 0.0
-    #: Whether a check cut by its client's deadline may overrun it (by a real
-    #: cancel request's round trip).
-    checks_overrun_deadlines = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -367,8 +364,7 @@ class PoolMachine(RuleBasedStateMachine):
         waiting = self.waiting()
         not_checking = [client for client in waiting if not client.in_check]
         surely_queued = [client for client in not_checking if not client.failed_check]
-        bound = not_checking if self.checks_overrun_deadlines else waiting
-        assert all(client.deadline > now for client in bound)
+        assert all(client.deadline > now for client in waiting)
         status = self.pool.status()
         assert len(surely_queued) <= status.waiting <= len(not_checking)
         if status.waiting:
@@ -452,7 +448,6 @@ class RealPoolMachine(PoolMachine):
     """Connections to the test server, through a `TcpProxy` run in the machine's trio."""
 
     settle = 0.02
-    checks_overrun_deadlines = True
     server: Server  # set by `test_pool_state_machine_real_server`
 
     def __init__(self) -> None:
