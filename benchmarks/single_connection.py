@@ -20,8 +20,8 @@ imports trio and trio-asyncio); the order of the sides rotates every round so dr
 the machine hits all of them. Prints q/s per round, the medians and the ratios to asyncio
 (above 1: faster than asyncio), and where each query's time went in the client process:
 user and system CPU (of all its threads), and the rest (waiting for the server, and for the
-operating system to wake the process up; negative if other threads kept a CPU busy). No pool is involved in the timed loop: this is the cost of each wait loop
-per round trip.
+operating system to wake the process up; negative if other threads kept a CPU busy). No
+pool is involved in the timed loop: this is the cost of each wait loop per round trip.
 """
 
 from __future__ import annotations
