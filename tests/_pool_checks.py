@@ -7,7 +7,10 @@ connections the pool holds.
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import trio
 import trio.testing
@@ -22,6 +25,35 @@ Server = PostgresServer | ExternalServer
 def app_name(prefix: str = "tp") -> str:
     """A unique ``application_name`` to find one test's backends on the server."""
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool:
+    """Whether `condition()` holds now or within `within` seconds (checked every 10 ms).
+
+    For synchronous code outside trio (sync tests, the thread hypothesis
+    drives state machines from), waiting on state that offers no event: a
+    process exiting, the server's backend count.  Trio code polls with
+    ``trio.sleep`` instead.
+    """
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def process_state(pid: int) -> str | None:
+    """The process's state letter (``R``, ``S``, ``T`` stopped, ``Z`` zombie), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def dead(pid: int) -> bool:
+    return process_state(pid) in (None, "Z")
 
 
 async def backends(server: Server, name: str) -> int:

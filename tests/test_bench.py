@@ -10,14 +10,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from _pool_checks import Server
+from _pool_checks import Server, dead, eventually
 
 from triopool.testing._server import DIR_PREFIX, OWNER_FILE
 
@@ -49,16 +47,6 @@ def folders_of(pid: int) -> list[Path]:
         except (OSError, ValueError):
             continue
     return found
-
-
-def within(seconds: float, condition: Callable[[], bool]) -> bool:
-    """Whether `condition()` holds within `seconds` (checked every 50 ms)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.mark.parametrize("workload", ["select1", "txn", "mixed"])
@@ -119,7 +107,7 @@ def test_ctrl_c_stops_the_run_and_removes_its_server() -> None:
         text=True,
     )
     try:
-        assert within(RUN_TIMEOUT, lambda: pool_running(process.pid)), "never got busy"
+        assert eventually(lambda: pool_running(process.pid), RUN_TIMEOUT), "never got busy"
         postmaster = postmaster_of(process.pid)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=RUN_TIMEOUT)
@@ -129,19 +117,12 @@ def test_ctrl_c_stops_the_run_and_removes_its_server() -> None:
     assert process.returncode == 130, err
     assert "interrupted" in err
     assert folders_of(process.pid) == []
-    assert within(5, lambda: not Path(f"/proc/{postmaster}").exists() or zombie(postmaster))
+    assert eventually(lambda: dead(postmaster))
 
 
 def postmaster_of(pid: int) -> int:
     (folder,) = folders_of(pid)
     return int((folder / "data" / "postmaster.pid").read_text().split()[0])
-
-
-def zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def pool_running(pid: int) -> bool:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ import psycopg
 import trio
 import trio.testing
 from _fake_server import FakeConnection, FakeServer
-from _pool_checks import Server, app_name, assert_no_leaks
+from _pool_checks import Server, app_name, assert_no_leaks, eventually
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -502,34 +501,28 @@ class RealPoolMachine(PoolMachine):
 
     def all_closed(self) -> None:
         self.trio.step(self._call(self.proxy_scope.cancel))
-        deadline = time.monotonic() + 5  # backends exit asynchronously after the client left
-        while (count := self.server.count_backends(self.name)) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert count == 0
+        # Backends exit asynchronously after their client left.
+        assert eventually(lambda: self.server.count_backends(self.name) == 0)
 
 
-def test_pool_state_machine() -> None:
+def run_machine(machine: type[PoolMachine], examples: int) -> None:
     run_state_machine_as_test(
-        FakePoolMachine,
+        machine,
         settings=settings(
-            max_examples=150,
+            max_examples=examples,
             stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+def test_pool_state_machine() -> None:
+    run_machine(FakePoolMachine, 150)
 
 
 def test_pool_state_machine_real_server(postgres_server: Server) -> None:
     class Machine(RealPoolMachine):
         server = postgres_server
 
-    run_state_machine_as_test(
-        Machine,
-        settings=settings(
-            max_examples=30,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    run_machine(Machine, 30)

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -21,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import trio
-from _pool_checks import Server, app_name, settled_backends
+from _pool_checks import Server, app_name, dead, eventually, process_state, settled_backends
 
 from triopool import Connection
 from triopool.testing import (
@@ -101,29 +100,6 @@ async def poll(condition: Callable[[], bool], within: float = 5.0) -> None:
 
 def postmaster_pid(server: PostgresServer) -> int:
     return int((server.datadir / "postmaster.pid").read_text().split()[0])
-
-
-def process_state(pid: int) -> str | None:
-    """The process's state letter (``R``, ``S``, ``T`` stopped, ``Z`` zombie), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-def dead(pid: int) -> bool:
-    return process_state(pid) in (None, "Z")
-
-
-def eventually_dead(pid: int, within: float = 5.0) -> bool:
-    """Whether `pid` is dead, or dies within `within` seconds (checked every 10 ms)."""
-    deadline = time.monotonic() + within
-    while not dead(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 async def fetch(conn: Connection, query: str) -> object:
@@ -376,7 +352,7 @@ def test_reap_orphans_removes_a_killed_runs_server(postgres_server: Server) -> N
         reap_orphans()  # (another test session on this machine may reap it first: same outcome)
         assert not base.exists()
         for pid in (orphan, backend):  # SIGKILLed: gone as soon as the kernel gets to it
-            assert eventually_dead(pid)
+            assert eventually(partial(dead, pid))
     if isinstance(postgres_server, PostgresServer):  # ours, owned by a live process
         assert postgres_server.basedir.is_dir()
         assert postgres_server.execute("SELECT 1") == [(1,)]
