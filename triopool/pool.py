@@ -764,6 +764,11 @@ class ConnectionPool:
         """A ready-made ``check`` callback: one cheap round trip to the server.
 
         Raises if the connection does not work.
+
+        Checkpoints: always.  If cancelled: the round trip is abandoned as any
+        cancelled query is (see `Connection`; as the pool's ``check`` the
+        connection is then closed at once), and the connection's autocommit
+        setting is restored unless it was closed.
         """
         if conn.autocommit:
             await conn.execute("")
