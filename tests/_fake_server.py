@@ -14,6 +14,7 @@ them; `FakeConnection` is a `triopool.Connection` whose libpq object is a
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +29,17 @@ BAD = pq.ConnStatus.BAD
 
 
 class FakePGconn:
-    """What the pool reads of a libpq connection: status and transaction status."""
+    """What the pool reads of a libpq connection: status, transaction status, socket.
+
+    The socket is one end of a socket pair that never receives anything: a
+    server that stays silent (the pool looks at it before lending an idle
+    connection).  It is closed by `finish`, as libpq's is.
+    """
 
     def __init__(self) -> None:
         self.status = OK
         self._transaction_status = pq.TransactionStatus.IDLE
+        self._socket, self._peer = socket.socketpair()
 
     @property
     def transaction_status(self) -> pq.TransactionStatus:
@@ -47,10 +54,17 @@ class FakePGconn:
 
     @property
     def socket(self) -> int:
-        raise psycopg.OperationalError("a fake connection has no socket")
+        if self._socket.fileno() < 0:
+            raise psycopg.OperationalError("the connection is lost")
+        return self._socket.fileno()
+
+    def consume_input(self) -> None:
+        """Nothing ever arrives."""
 
     def finish(self) -> None:
         self.status = BAD
+        self._socket.close()
+        self._peer.close()
 
 
 @dataclass

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import trio
 import trio.testing
-from _pool_checks import Server, assert_settled
+from _pool_checks import Server, assert_settled, pool_connections
 from trio.lowlevel import Task
 
 from triopool import Connection, ConnectionPool, PoolClosed, PoolTimeout
@@ -174,7 +174,7 @@ async def serves(pool: ConnectionPool, timeout: float = 5.0) -> int:  # noqa: AS
 
 def pool_pids(pool: ConnectionPool) -> set[int]:
     """Backend pids of the connections the pool holds (idle or lent), without I/O."""
-    return {conn.info.backend_pid for conn in pool._conns.values() if not conn.closed}
+    return {conn.info.backend_pid for conn in pool_connections(pool).values() if not conn.closed}
 
 
 async def server_pids(server: Server, name: str) -> set[int]:

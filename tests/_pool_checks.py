@@ -11,11 +11,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
 
-from triopool import ConnectionPool
+from triopool import Connection, ConnectionPool
 from triopool._policy import SlotState
 from triopool.testing import ExternalServer, PostgresServer
 
@@ -74,6 +75,15 @@ async def settled_backends(server: Server, name: str, expected: int, within: flo
     return await backends(server, name)
 
 
+def pool_connections(pool: ConnectionPool) -> dict[int, Connection[Any]]:
+    """The connections the pool holds (idle, lent or busy), by slot."""
+    return {
+        slot: actor.conn
+        for slot, actor in pool._scheduler.actors.items()
+        if actor.conn is not None
+    }
+
+
 def assert_no_leaks(pool: ConnectionPool) -> None:
     """Nothing lent, the policy's books balance, and the size is within bounds."""
     policy = pool._policy
@@ -86,7 +96,7 @@ def assert_no_leaks(pool: ConnectionPool) -> None:
         for slot in policy.slots.values()
         if slot.state in (SlotState.IDLE, SlotState.RESETTING, SlotState.LENT)
     )
-    assert len(pool._conns) >= with_conn
+    assert len(pool_connections(pool)) >= with_conn
 
 
 async def assert_settled(
@@ -101,9 +111,9 @@ async def assert_settled(
     assert_no_leaks(pool)
     if pool.closed:
         assert pool._nursery is None, "pool tasks still running after close"
-        assert pool._conns == {} or all(conn.closed for conn in pool._conns.values())
+        assert all(conn.closed for conn in pool_connections(pool).values())
         expected = 0
     else:
-        expected = len(pool._conns)
+        expected = len(pool_connections(pool))
     if server is not None and name:
         assert await settled_backends(server, name, expected) == expected

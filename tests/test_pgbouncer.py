@@ -15,7 +15,14 @@ import pytest
 import trio
 import trio.testing
 from _fault_helpers import clients_running, quiesce, serves, until
-from _pool_checks import Server, app_name, assert_settled, backends, settled_backends
+from _pool_checks import (
+    Server,
+    app_name,
+    assert_settled,
+    backends,
+    pool_connections,
+    settled_backends,
+)
 
 from triopool import Connection, ConnectionPool, ListenerGap
 from triopool.listener import Notifications
@@ -53,7 +60,7 @@ async def settled_through(pool: ConnectionPool, bouncer: PgBouncer, name: str) -
     if not pool.closed:
         await quiesce(pool)
     await assert_settled(pool)
-    expected = 0 if pool.closed else len(pool._conns)
+    expected = 0 if pool.closed else len(pool_connections(pool))
     with trio.move_on_after(3):
         while await bouncer_clients(bouncer, name) != expected:  # noqa: ASYNC110  # PgBouncer's state: no event to wait on
             await trio.sleep(0.02)
@@ -174,11 +181,11 @@ async def test_pgbouncer_restart(pgbouncer_factory: Factory, name: str) -> None:
         bouncer, name, min_size=2, max_size=4, check=ConnectionPool.check_connection
     ) as pool:
         await pool.wait(5)
-        before = set(pool._conns.values())
+        before = set(pool_connections(pool).values())
         await trio.to_thread.run_sync(bouncer.restart)
         await pool.check()
         await quiesce(pool)
-        assert len(pool._conns) == 2 and before.isdisjoint(pool._conns.values())
+        assert len(pool_connections(pool)) == 2 and before.isdisjoint(pool_connections(pool).values())
         await serves(pool)
 
         async with clients_running(pool, count=4, timeout=2.0) as clients:

@@ -29,7 +29,6 @@ from triopool._policy import (
     Reject,
     Reset,
     SlotState,
-    WaitTimeout,
     Wake,
 )
 
@@ -48,7 +47,7 @@ def make(
     keep_idle: bool = True,
     random: Callable[[], float] = lambda: 0.5,
 ) -> Policy:
-    """A started policy (the shell starts a pool with ``resize``), min_size connected at 0."""
+    """An opened policy, min_size connected at 0."""
     policy = Policy(
         min_size=min_size,
         max_size=max_size,
@@ -59,7 +58,7 @@ def make(
         keep_idle=keep_idle,
         random=random,
     )
-    for action in policy.resize(min_size, max_size):
+    for action in policy.open():
         if isinstance(action, Open):
             policy.connected(action.slot, 0.0, 0.0)
     policy.next_deadline()  # as the shell does after a Wake
@@ -100,7 +99,7 @@ def three_idle(
 
 def test_start_opens_min_size_connections() -> None:
     policy = Policy(min_size=2, max_size=4)
-    assert policy.resize(2, 4) == [Open(0), Open(1), Wake()]
+    assert policy.open() == [Open(0), Open(1)]
     assert policy.size == 2
     assert policy.count(SlotState.CONNECTING) == 2
     # The first connection to become idle sets a timer (its max_lifetime).
@@ -151,13 +150,22 @@ def test_closed_pool_raises_policy_closed() -> None:
     assert policy.counters.requests_errors == 1
 
 
-def test_past_deadline_raises_wait_timeout_unless_a_connection_is_idle() -> None:
+def test_past_deadline_expires_at_once_unless_a_connection_is_idle() -> None:
     policy = make(1, 2)
     assert lent(policy.request("a", 5.0, deadline=5.0)) == 0
-    with pytest.raises(WaitTimeout):
-        policy.request("b", 5.0, deadline=5.0)
+    # "b" will not wait: it expires at once, but the pool grows for it, so that
+    # a next request (a retry of b, say) may be served (issue 15 #6).
+    assert policy.request("b", 5.0, deadline=5.0) == [Open(1), Expire("b", 0.0)]
     assert policy.waiters() == []
-    assert policy.size == 1  # nothing opened for a client that will not wait
+    assert policy.counters.requests_errors == 1
+    assert policy.connected(1, 5.5, 0.5) == [Wake()]  # (its max_idle timer)
+    assert lent(policy.request("c", 6.0, deadline=6.0)) == 1
+
+
+def test_past_deadline_in_a_null_pool_opens_nothing() -> None:
+    policy = make(0, None, keep_idle=False)
+    assert policy.request("a", 5.0, deadline=5.0) == [Expire("a", 0.0)]
+    assert policy.size == 0
 
 
 def test_waiter_deadline_expires_at_the_exact_instant() -> None:
@@ -248,7 +256,7 @@ def test_idle_connection_replaced_at_max_lifetime_with_jitter(
 ) -> None:
     # max_lifetime=3600 is reduced by up to 10 %: random() * 0.1 of it.
     policy = Policy(min_size=1, max_size=2, random=lambda: random)
-    assert policy.resize(1, 2) == [Open(0), Wake()]
+    assert policy.open() == [Open(0)]
     assert policy.next_deadline() == math.inf
     assert policy.connected(0, 5.0, 0.0) == [Wake()]
     assert policy.next_deadline() == expires_at
@@ -284,7 +292,7 @@ def test_reconnect_backoff_doubles_with_jitter_until_reconnect_timeout(
     random: float, delays: list[float]
 ) -> None:
     policy = Policy(min_size=1, max_size=2, reconnect_timeout=10.0, random=lambda: random)
-    assert policy.resize(1, 2) == [Open(0), Wake()]
+    assert policy.open() == [Open(0)]
     now, got = 0.0, []
     while True:
         delay, actions = policy.connect_failed(0, now, f"failed at {now}")
@@ -295,10 +303,12 @@ def test_reconnect_backoff_doubles_with_jitter_until_reconnect_timeout(
         now += delay
     assert got == pytest.approx(delays)
     assert now == 10.0
-    # Given up: the callback, and a new attempt since the pool is below min_size.
-    assert actions == [ReconnectFailed(), Open(1)]
+    # Given up: the callback, and a new attempt since the pool is below min_size,
+    # after a first backoff delay (1 s, with the same jitter).
+    assert actions == [ReconnectFailed(), Open(1, after=pytest.approx(delays[0]))]
     assert policy.state_of(0) is None
     assert policy.counters.connections_errors == len(delays) + 1
+    assert policy.counters.connections_num == len(delays) + 1  # failed attempts count
     assert policy.last_error == "failed at 10.0"
     assert policy.connect_failed(1, 10.0, "again") == (got[0], [])  # a fresh backoff
     assert policy.connected(1, 11.0, 0.5) == [Wake()]
@@ -310,7 +320,10 @@ def test_connection_given_up_is_attempted_again_for_a_waiter() -> None:
     assert queued(policy.request("a", 0.0)) == [Open(0)]
     assert policy.connect_failed(0, 0.0, "down") == (1.0, [])
     assert policy.connect_failed(0, 1.0, "down") == (1.0, [])  # capped: 2 s after the first
-    assert policy.connect_failed(0, 2.0, "down") == (None, [ReconnectFailed(), Open(1)])
+    assert policy.connect_failed(0, 2.0, "down") == (
+        None,
+        [ReconnectFailed(), Open(1, after=1.0)],
+    )
     assert policy.connected(1, 3.0, 0.5) == [Grant("a", 1)]
 
 
@@ -524,8 +537,8 @@ def test_counters_and_pop_counters() -> None:
     assert queued(policy.request("c", 3.0)) == [Open(1)]
     assert policy.connect_failed(1, 3.5, "down") == (1.0, [])
     policy.cancel("c", 4.0, timed_out=True)  # waited 1000 ms, in error
-    with pytest.raises(WaitTimeout):
-        policy.request("d", 5.0, deadline=5.0)  # in error
+    # Will not wait: in error at once (slot 1, still trying, is coming for it).
+    assert policy.request("d", 5.0, deadline=5.0) == [Expire("d", 0.0)]
     assert policy.connect_failed(1, 4.5, "down") == (None, [])
     expected = Counters(
         requests_num=4,
@@ -533,7 +546,7 @@ def test_counters_and_pop_counters() -> None:
         requests_wait_ms=3250,
         requests_errors=3,
         returns_bad=1,
-        connections_num=1,
+        connections_num=3,  # attempts, failed ones included (as psycopg_pool)
         connections_ms=250,
         connections_errors=2,
         connections_lost=0,
@@ -594,3 +607,75 @@ def test_illegal_input_raises_key_error_and_changes_nothing() -> None:
     with pytest.raises(KeyError):
         policy.take_idle(0, 1.0)  # lent, not idle
     assert policy.state_of(0) is SlotState.LENT
+
+
+# -- edges found by review (issue 15, issue 14 #4) ------------------------------------
+
+
+def test_nothing_opens_before_open_and_sizes_changed_before_apply() -> None:
+    policy = Policy(min_size=1, max_size=2)
+    assert policy.resize(3, 4) == [Wake()]  # before open: only the numbers change
+    assert policy.size == 0
+    assert policy.open() == [Open(0), Open(1), Open(2)]
+
+
+def test_an_attempt_started_while_nobody_waited_does_not_hold_waiters_back() -> None:
+    policy = Policy(min_size=1, max_size=2)
+    assert policy.open() == [Open(0)]  # say its configure hangs
+    assert queued(policy.request("a", 0.0)) == [Open(1)]
+    assert queued(policy.request("b", 0.0)) == []  # max_size reached
+    assert policy.connected(1, 0.5, 0.5) == [Grant("a", 1)]
+
+
+def test_reconnect_timeout_zero_gives_up_at_once_and_waits_before_the_next() -> None:
+    policy = Policy(min_size=1, max_size=1, reconnect_timeout=0.0)
+    assert policy.open() == [Open(0)]
+    assert policy.connect_failed(0, 0.0, "down") == (None, [ReconnectFailed(), Open(1, 1.0)])
+    assert policy.connect_failed(1, 1.0, "down") == (None, [ReconnectFailed(), Open(2, 1.0)])
+
+
+def test_a_new_connection_serves_a_waiter_even_past_a_tiny_lifetime() -> None:
+    policy = make(0, 1, max_lifetime=1e-9)
+    assert queued(policy.request("a", 100.0)) == [Open(0)]
+    assert policy.connected(0, 1e9, 0.0) == [Grant("a", 0)]  # expires_at == now here
+    assert policy.release(0, 1e9, CLEAN) == [Close(0)]  # then it is replaced
+
+
+def test_null_pool_request_with_room_is_not_queued() -> None:
+    policy = make(0, 1, keep_idle=False, max_waiting=1)
+    assert queued(policy.request("a", 0.0)) == [Open(0)]  # opened for it: not queued
+    assert policy.waiting == 0
+    assert queued(policy.request("b", 0.0)) == []  # no room: queued
+    assert policy.waiting == 1
+    with pytest.raises(QueueFull):  # max_waiting counts the queued only
+        policy.request("c", 0.0)
+    assert policy.connected(0, 1.0, 1.0) == [Grant("a", 0)]
+    assert policy.release(0, 2.0, CLEAN) == [Grant("b", 0)]
+    counters = policy.counters
+    assert (counters.requests_num, counters.requests_queued) == (2, 1)
+    assert counters.requests_wait_ms == 2000  # b's wait only
+
+
+def test_idle_connection_found_dead_is_closed_counted_and_replaced() -> None:
+    policy = make(1, 2)
+    assert policy.idle_lost(0) == [Close(0)]  # it counts in size until closed
+    assert policy.counters.connections_lost == 1
+    assert policy.closed_slot(0) == [Open(1)]  # asked to close: not lost twice
+    assert policy.counters.connections_lost == 1
+
+
+def test_attempts_outside_slots_are_counted() -> None:
+    policy = make(0, None, keep_idle=False)
+    policy.attempted(0.25)
+    policy.attempted(0.5, error="refused")
+    assert policy.counters == Counters(
+        connections_num=2, connections_ms=250, connections_errors=1
+    )
+    assert policy.last_error == "refused"
+
+
+def test_dirty_return_to_a_closed_pool_is_closed_not_reset() -> None:
+    policy = make(1, 1)
+    assert lent(policy.request("a", 0.0)) == 0
+    assert policy.close() == []
+    assert policy.release(0, 1.0, DIRTY) == [Close(0)]

@@ -75,8 +75,8 @@ from triopool._policy import (
     Reset,
     Slot,
     SlotState,
-    WaitTimeout,
     Wake,
+    _Waiter,
 )
 
 POOL = -1  # holder of a connection lent to the pool itself (`take_idle`, for check())
@@ -169,11 +169,15 @@ class PolicyMachine(RuleBasedStateMachine):
         self.closed = False
         self.next_waiter = 0
         # The model of the shell.  Every slot the policy knows is in one of these.
-        self.queue: dict[int, tuple[float, float]] = {}  # waiter -> (queued at, deadline)
+        # waiter -> (since, deadline, queued): not queued, a null pool's request
+        # with a connection opened for it at once (not in the queue's counts)
+        self.queue: dict[int, tuple[float, float, bool]] = {}
         self.idle: list[int] = []  # least recently used first
         self.holders: dict[int, int] = {}  # lent slot -> waiter (or POOL)
         self.lent_at: dict[int, float] = {}
         self.connecting: dict[int, float] = {}  # slot -> when its attempt may end
+        # Connecting slots started while clients waited (or for one): coming for waiters.
+        self.for_waiters: set[int] = set()
         self.resizing = False  # resize may close connection attempts over max_size
         self.resetting: set[int] = set()
         self.closing: set[int] = set()
@@ -223,12 +227,17 @@ class PolicyMachine(RuleBasedStateMachine):
         self.timer = self.policy.next_deadline()
 
     def _apply(
-        self, actions: list[Action[int]], ready: int | None = None, fate: Fate | None = None
+        self,
+        actions: list[Action[int]],
+        ready: int | None = None,
+        fate: Fate | None = None,
+        for_one: int = 0,
     ) -> None:
         """Carry out `actions`, checking each.
 
         `ready` is the slot the call made ready to serve (connected, returned,
-        reset); its `fate` is what the model expects of it.
+        reset); its `fate` is what the model expects of it.  `for_one`: a
+        client that will not wait asked (the pool may grow for it).
         """
         policy = self.policy
         if any(isinstance(action, Open) for action in actions):
@@ -236,11 +245,11 @@ class PolicyMachine(RuleBasedStateMachine):
                 f"opened beyond max_size: size {policy.size}, max_size {policy.max_size}"
             )
             incoming = (
-                len(self.connecting)
+                len(self.for_waiters)
                 + len(self.resetting)
                 + sum(isinstance(action, Open) for action in actions)
             )
-            assert policy.size <= policy.min_size or incoming <= len(self.queue), (
+            assert policy.size <= policy.min_size or incoming <= len(self.queue) + for_one, (
                 f"opened more than the waiters need: {incoming} incoming for "
                 f"{len(self.queue)} waiters"
             )
@@ -257,8 +266,7 @@ class PolicyMachine(RuleBasedStateMachine):
                     assert slot not in self.holders, f"slot {slot} lent twice"
                     assert self.generation_of[slot] == self.generation, "drained slot lent"
                     assert policy.slots[slot].expires_at > self.now, "expired slot lent"
-                    queued_at, _ = self.queue.pop(waiter)
-                    self.counters.requests_wait_ms += ms(self.now - queued_at)
+                    self._left_queue(waiter)
                     self.done.add(waiter)
                     self.holders[slot] = waiter
                     self.lent_at[slot] = self.now
@@ -271,17 +279,21 @@ class PolicyMachine(RuleBasedStateMachine):
                     self.counters.requests_errors += 1
                 case Expire(waiter=waiter, waited=waited):
                     assert waiter in self.queue, f"expired {waiter}, not waiting"
-                    queued_at, deadline = self.queue.pop(waiter)
+                    since, deadline, _ = self.queue[waiter]
                     assert deadline <= self.now, f"expired {waiter} before its deadline"
-                    assert waited == deadline - queued_at
-                    self.counters.requests_wait_ms += ms(self.now - queued_at)
+                    assert waited == deadline - since
+                    self._left_queue(waiter)
                     self.counters.requests_errors += 1
                     self.done.add(waiter)
-                case Open(slot=slot):
+                case Open(slot=slot, after=after):
                     assert slot not in self.opened, f"slot {slot} opened twice"
                     self.opened.add(slot)
-                    self.connecting[slot] = self.now
+                    self.connecting[slot] = self.now + after
                     self.generation_of[slot] = self.generation
+                    if policy.slots[slot].for_waiters:
+                        self.for_waiters.add(slot)
+                    else:
+                        assert not self.queue and not for_one, "attempt not counted for waiters"
                 case Close(slot=slot):
                     assert slot not in self.closing, f"slot {slot} closed twice"
                     if slot == ready and got is None:
@@ -293,6 +305,7 @@ class PolicyMachine(RuleBasedStateMachine):
                             f"connecting slot {slot} closed while open, outside resize"
                         )
                         del self.connecting[slot]
+                        self.for_waiters.discard(slot)
                     else:
                         raise AssertionError(f"closed slot {slot}, neither idle nor ready")
                     self.closing.add(slot)
@@ -312,9 +325,16 @@ class PolicyMachine(RuleBasedStateMachine):
         if wake:
             self._sync_timer()
 
+    def _left_queue(self, waiter: int) -> None:
+        """A waiter leaves the queue (served, expired, cancelled): its wait counts if queued."""
+        since, _, queued = self.queue.pop(waiter)
+        if queued:
+            self.counters.requests_wait_ms += ms(self.now - since)
+
     def _check(self) -> None:
         policy = self.policy
         assert policy.waiters() == list(self.queue)
+        assert policy.waiting == sum(queued for _, _, queued in self.queue.values())
         assert policy.idle_slots() == self.idle, "idle stack differs from the model"
         assert policy.available == len(self.idle)
         model_states = (
@@ -354,7 +374,7 @@ class PolicyMachine(RuleBasedStateMachine):
         assert self.timer <= deadline, (
             f"a deadline moved to {deadline} without a Wake (timer at {self.timer})"
         )
-        due = [waiter_deadline for _, waiter_deadline in self.queue.values()]
+        due = [waiter_deadline for _, waiter_deadline, _ in self.queue.values()]
         due += [policy.slots[slot].expires_at for slot in self.idle]
         if self.idle and self.size - len(self.closing) > self.min_size:
             due.append(policy.slots[self.idle[0]].idle_since + self.config.max_idle)
@@ -387,8 +407,7 @@ class PolicyMachine(RuleBasedStateMachine):
             keep_idle=config.keep_idle,
             random=cycling(config.randoms),
         )
-        # The shell opens a pool with a resize to its own sizes.
-        self._apply(self.policy.resize(config.min_size, config.max_size))
+        self._apply(self.policy.open())
 
     # -- clients ----------------------------------------------------------------------------
 
@@ -404,7 +423,10 @@ class PolicyMachine(RuleBasedStateMachine):
         waiter, self.next_waiter = self.next_waiter, self.next_waiter + 1
         deadline = math.inf if wait is None else self.now + wait
         top = self.idle[-1] if self.idle else None
-        queue_full = bool(self.config.max_waiting) and len(self.queue) >= self.config.max_waiting
+        room = self.max_size is None or self.size < self.max_size
+        queued = self.config.keep_idle or not room  # else a connection opens for it
+        n_queued = sum(q for _, _, q in self.queue.values())
+        queue_full = queued and bool(self.config.max_waiting) and n_queued >= self.config.max_waiting
         try:
             result = self.policy.request(waiter, self.now, deadline)
         except PolicyClosed:
@@ -415,11 +437,6 @@ class PolicyMachine(RuleBasedStateMachine):
             assert not self.closed and top is None and queue_full
             self.counters.requests_errors += 1
             return
-        except WaitTimeout:
-            assert not self.closed and top is None and not queue_full and deadline <= self.now
-            self.counters.requests_num += 1
-            self.counters.requests_errors += 1
-            return
         assert not self.closed
         self.counters.requests_num += 1
         if isinstance(result, int):
@@ -428,10 +445,19 @@ class PolicyMachine(RuleBasedStateMachine):
             self.holders[result] = waiter
             self.lent_at[result] = self.now
             self.done.add(waiter)
+        elif deadline <= self.now:
+            # Will not wait: expired at once, the pool growing for it (not a null pool).
+            assert top is None and not queue_full
+            assert result[-1:] == [Expire(waiter, 0.0)], result
+            self.counters.requests_errors += 1
+            self.done.add(waiter)
+            self._apply(result[:-1], for_one=int(self.config.keep_idle))
+            if not self.config.keep_idle:
+                assert result == [Expire(waiter, 0.0)]
         else:
-            assert top is None and not queue_full and deadline > self.now
-            self.counters.requests_queued += 1
-            self.queue[waiter] = (self.now, deadline)
+            assert top is None and not queue_full
+            self.counters.requests_queued += queued
+            self.queue[waiter] = (self.now, deadline, queued)
             self._apply(result)
 
     @precondition(lambda self: self.next_waiter > 0)
@@ -440,10 +466,9 @@ class PolicyMachine(RuleBasedStateMachine):
     def cancel(self, pick: int, timed_out: bool) -> None:
         # Mostly the latest waiters (likely queued); possibly one already done.
         waiter = self.next_waiter - 1 - pick % self.next_waiter
-        queued = self.queue.pop(waiter, None)
-        if queued is not None:
+        if waiter in self.queue:
+            self._left_queue(waiter)
             self.done.add(waiter)
-            self.counters.requests_wait_ms += ms(self.now - queued[0])
             self.counters.requests_errors += timed_out
         self.policy.cancel(waiter, self.now, timed_out=timed_out)
 
@@ -467,7 +492,8 @@ class PolicyMachine(RuleBasedStateMachine):
         if outcome is Outcome.BROKEN:
             fate = "close"
         elif outcome is Outcome.DIRTY:
-            fate = "reset" if self.config.keep_idle or self.queue else "close"
+            reset = not self.closed and (self.config.keep_idle or self.queue)
+            fate = "reset" if reset else "close"
         else:
             fate = self._dispatch_fate(slot, expires_at=self.policy.slots[slot].expires_at)
         del self.holders[slot]
@@ -543,6 +569,7 @@ class PolicyMachine(RuleBasedStateMachine):
     def _connected(self, slot: int, seconds: float) -> None:
         fate = self._dispatch_fate(slot, expires_at=math.inf)  # (a new connection)
         del self.connecting[slot]
+        self.for_waiters.discard(slot)
         self.failures.pop(slot, None)
         self.counters.connections_num += 1
         self.counters.connections_ms += ms(seconds)
@@ -559,10 +586,11 @@ class PolicyMachine(RuleBasedStateMachine):
     def connect_failed(self, pick: int) -> None:
         ready = self._ready_to_connect()
         slot = ready[pick % len(ready)]
-        incoming_others = len(self.connecting) + len(self.resetting) - 1
+        incoming_others = len(self.for_waiters - {slot}) + len(self.resetting)
         needed = self.size - 1 < self.min_size or len(self.queue) > incoming_others
         first, count = self.failures.get(slot, (self.now, 0))
         give_up_at = first + self.config.reconnect_timeout
+        self.counters.connections_num += 1  # failed attempts count too
         self.counters.connections_errors += 1
         error = ("failed", slot, count)
         delay, actions = self.policy.connect_failed(slot, self.now, error)
@@ -571,11 +599,18 @@ class PolicyMachine(RuleBasedStateMachine):
             assert (delay, actions) == (None, []), "kept connecting for nobody"
             assert self.policy.state_of(slot) is None
             del self.connecting[slot]
+            self.for_waiters.discard(slot)
         elif self.now >= give_up_at:
             assert delay is None, f"still trying after reconnect_timeout: {delay}"
             assert actions[:1] == [ReconnectFailed()]
             assert self.policy.state_of(slot) is None
             del self.connecting[slot]
+            self.for_waiters.discard(slot)
+            # Replacements wait a first backoff delay: no busy loop, even with 0.
+            for action in actions[1:]:
+                if isinstance(action, Open):
+                    low = INITIAL_BACKOFF * (1 - BACKOFF_JITTER) - EPSILON
+                    assert low <= action.after <= INITIAL_BACKOFF * (1 + BACKOFF_JITTER) + EPSILON
             self._apply(actions[1:])
         else:
             assert delay is not None and actions == [], f"gave up too early: {actions}"
@@ -622,6 +657,32 @@ class PolicyMachine(RuleBasedStateMachine):
         self.idle.remove(slot)
         self.counters.connections_lost += 1
         self._apply(self.policy.closed_slot(slot))
+
+    @precondition(lambda self: bool(self.idle))
+    @rule(pick=PICK)
+    @step
+    def idle_dead(self, pick: int) -> None:
+        """The shell finds an idle connection dead before lending it (`idle_lost`)."""
+        slot = self.idle[pick % len(self.idle)]
+        actions = self.policy.idle_lost(slot)
+        assert actions[:1] == [Close(slot)]
+        self.idle.remove(slot)
+        self.closing.add(slot)
+        self.counters.connections_lost += 1
+        self._apply(actions[1:])
+
+    @rule(seconds=st.sampled_from([0.0, 0.5]), failed=st.booleans())
+    @step
+    def attempted(self, seconds: float, failed: bool) -> None:
+        """A null pool's ``wait`` made a test connection outside the slots."""
+        self.counters.connections_num += 1
+        if failed:
+            self.counters.connections_errors += 1
+            self.policy.attempted(seconds, "refused")
+            assert self.policy.last_error == "refused"
+        else:
+            self.counters.connections_ms += ms(seconds)
+            self.policy.attempted(seconds)
 
     # -- administration ------------------------------------------------------------------
 
@@ -688,7 +749,7 @@ class PolicyMachine(RuleBasedStateMachine):
 
     def _tick(self) -> None:
         policy, now = self.policy, self.now
-        due = {w for w, (_, deadline) in self.queue.items() if deadline <= now}
+        due = {w for w, (_, deadline, _) in self.queue.items() if deadline <= now}
         expired = {slot for slot in self.idle if policy.slots[slot].expires_at <= now}
         actions = policy.tick(now)
         assert {a.waiter for a in actions if isinstance(a, Expire)} == due
@@ -783,8 +844,8 @@ def test_policy_state_machine() -> None:
 # -- the invariants can fail: planted bugs ---------------------------------------------------
 
 
-class _LifoPop(OrderedDict[int, tuple[float, float]]):
-    def popitem(self, last: bool = True) -> tuple[int, tuple[float, float]]:
+class _LifoPop(OrderedDict[int, _Waiter]):
+    def popitem(self, last: bool = True) -> tuple[int, _Waiter]:
         return super().popitem(last=True)
 
 
@@ -793,11 +854,11 @@ def plant_lifo_service(monkeypatch: pytest.MonkeyPatch) -> None:
     dispatch = PoolPolicy._dispatch
 
     def lifo_dispatch(
-        self: PoolPolicy[int], slot: Slot, now: float, actions: list[Action[int]]
+        self: PoolPolicy[int], slot: Slot, now: float, actions: list[Action[int]], **kw: bool
     ) -> None:
         fifo, self._waiters = self._waiters, _LifoPop(self._waiters)
         try:
-            dispatch(self, slot, now, actions)
+            dispatch(self, slot, now, actions, **kw)
         finally:
             fifo.clear()
             fifo.update(self._waiters)
@@ -809,10 +870,12 @@ def plant_lifo_service(monkeypatch: pytest.MonkeyPatch) -> None:
 def plant_unbounded_grow(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_grow` forgets the max_size bound."""
 
-    def grow(self: PoolPolicy[int], actions: list[Action[int]]) -> None:
-        if not self.closed:
-            for _ in range(len(self._waiters) - self._incoming()):
-                self._open(actions)
+    def grow(
+        self: PoolPolicy[int], actions: list[Action[int]], *, extra: int = 0, after: float = 0.0
+    ) -> None:
+        if self.opened and not self.closed:
+            for _ in range(len(self._waiters) + extra - self._incoming()):
+                self._open(actions, after, for_waiters=True)
 
     monkeypatch.setattr(PoolPolicy, "_grow", grow)
 
@@ -833,7 +896,7 @@ def plant_missing_wake(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def plant_no_refill(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lost connections are not replaced up to min_size."""
-    monkeypatch.setattr(PoolPolicy, "_refill", lambda self, actions: None)
+    monkeypatch.setattr(PoolPolicy, "_refill", lambda self, actions, after=0.0: None)
 
 
 def plant_forgotten_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -841,13 +904,13 @@ def plant_forgotten_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
     dispatch = PoolPolicy._dispatch
 
     def dispatch_ignoring(
-        self: PoolPolicy[int], slot: Slot, now: float, actions: list[Action[int]]
+        self: PoolPolicy[int], slot: Slot, now: float, actions: list[Action[int]], **kw: bool
     ) -> None:
         waiters = self._waiters
         if self.size == 2 and self.keep_idle:
             self._waiters = OrderedDict()
         try:
-            dispatch(self, slot, now, actions)
+            dispatch(self, slot, now, actions, **kw)
         finally:
             self._waiters = waiters
 

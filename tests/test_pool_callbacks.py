@@ -28,7 +28,14 @@ from _contract_helpers import (
 )
 from _contract_helpers import name as name
 from _contract_helpers import pool_cls as pool_cls
-from _pool_checks import Server, app_name, assert_no_leaks, assert_settled, settled_backends
+from _pool_checks import (
+    Server,
+    app_name,
+    assert_no_leaks,
+    assert_settled,
+    pool_connections,
+    settled_backends,
+)
 from psycopg.pq import TransactionStatus
 
 from triopool import ConnectionPool, NullConnectionPool, PoolTimeout
@@ -232,7 +239,7 @@ async def test_check_always_failing_times_out(
         await trio.testing.wait_all_tasks_blocked()
         idle = [
             conn
-            for slot, conn in pool._conns.items()
+            for slot, conn in pool_connections(pool).items()
             if pool._policy.state_of(slot) is SlotState.IDLE
         ]  # (a connection whose check was cut short may still be closing)
         assert {conn.info.transaction_status for conn in idle} <= {TransactionStatus.IDLE}

@@ -157,12 +157,15 @@ async def test_reconnect_backoff_doubles_and_reconnect_failed_at_reconnect_timeo
         # delay cut so the attempts stop reconnect_timeout after the first.
         assert server.attempts[:5] == [0.0, 1.0, 3.0, 7.0, 10.0]
         assert failed_at == [10.0]
-        # Below min_size the pool keeps trying, backing off afresh.
-        assert server.attempts[5:] == [10.0, 11.0]
+        # Below min_size the pool keeps trying, backing off afresh from a first
+        # delay (no busy loop even if reconnect_timeout is tiny).
+        assert server.attempts[5:] == [11.0, 12.0]
         server.down = False
         await pool.wait(timeout=10.0)
-        assert trio.current_time() == 13.0
-        assert pool.get_stats()["connections_errors"] == 7
+        assert trio.current_time() == 14.0
+        stats = pool.get_stats()
+        assert stats["connections_errors"] == 7
+        assert stats["connections_num"] == 8  # attempts, failed ones included
 
 
 async def test_backoff_jitter_stays_within_ten_percent(

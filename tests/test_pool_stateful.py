@@ -47,7 +47,7 @@ import psycopg
 import trio
 import trio.testing
 from _fake_server import FakeConnection, FakeServer
-from _pool_checks import Server, app_name, assert_no_leaks, eventually
+from _pool_checks import Server, app_name, assert_no_leaks, eventually, pool_connections
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -303,7 +303,7 @@ class PoolMachine(RuleBasedStateMachine):
         policy = self.pool._policy
         return [
             conn
-            for slot, conn in self.pool._conns.items()
+            for slot, conn in pool_connections(self.pool).items()
             if policy.state_of(slot) is SlotState.IDLE and not conn.closed
         ]
 
@@ -434,10 +434,10 @@ class FakePoolMachine(PoolMachine):
     @invariant()
     def server_connections_are_the_pools(self) -> None:
         not_closed = {id(c) for c in self.server.connections if c.closed_at is None}
-        assert not_closed == {id(c) for c in self.pool._conns.values()}
+        assert not_closed == {id(c) for c in pool_connections(self.pool).values()}
         held = [c.conn for c in self.holding()]
         assert len({id(conn) for conn in held}) == len(held)
-        assert all(conn in self.pool._conns.values() for conn in held)
+        assert all(conn in pool_connections(self.pool).values() for conn in held)
 
     def all_closed(self) -> None:
         assert all(conn.closed_at is not None for conn in self.server.connections)
@@ -496,7 +496,7 @@ class RealPoolMachine(PoolMachine):
     @rule()
     def network_cut(self) -> None:
         """Every connection is reset (TCP RST)."""
-        self.killed.extend(self.pool._conns.values())
+        self.killed.extend(pool_connections(self.pool).values())
         self.trio.step(self._call(self.proxy.reset_all))
 
     def all_closed(self) -> None:

@@ -2,31 +2,45 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import trio
 
+from .errors import PoolClosed
 
-def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception worth raising instead of `group`, if there is one.
 
-    A lone exception (after dropping `trio.Cancelled` when there is something
-    else) is returned, so ``except PoolTimeout`` works around a pool's block;
-    if every leaf is a `trio.Cancelled`, the first is returned so that the
-    cancel scope it belongs to catches it.  None when several real errors
-    happened together: then the group is the truth.
+def raise_from_group(
+    group: BaseExceptionGroup[BaseException], body: BaseException | None = None
+) -> NoReturn:
+    """Raise what `group`, from a nursery of ours, stands for.
+
+    Only the group the nursery made is unwrapped, one level: its children
+    are the exception of the ``async with`` block (`body`), if any, and those
+    of the pool's own tasks (each of which unwrapped its own nursery's group
+    the same way).  A user's own `ExceptionGroup` is a child like any other
+    exception and comes out unchanged.
+
+    * One child but `trio.Cancelled` ones: that child.
+    * Only `trio.Cancelled` children: the first, so its cancel scope catches it.
+    * The block failed with `PoolClosed` (or was cancelled) because the pool's
+      own task failed: the pool's failure, which is the cause.
+    * Otherwise the group is the truth: it is raised.
     """
-    leaves: list[BaseException] = []
+    children = [exc for exc in group.exceptions if not isinstance(exc, trio.Cancelled)]
+    if not children:
+        _reraise(group.exceptions[0])
+    if len(children) == 1:
+        _reraise(children[0])
+    own = [exc for exc in children if exc is not body]
+    if isinstance(body, PoolClosed) and len(own) == 1:
+        raise own[0] from body
+    raise group
 
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        else:
-            leaves.append(exc)
 
-    collect(group)
-    others = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
-    if len(others) == 1:
-        return others[0]
-    if not others:
-        return leaves[0]
-    return None
+def _reraise(exc: BaseException) -> NoReturn:
+    """Raise `exc` as it was: raising it here must not chain the group to it."""
+    context, suppress = exc.__context__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__context__, exc.__suppress_context__ = context, suppress

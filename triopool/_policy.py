@@ -22,6 +22,12 @@ first waiter (FIFO), else to the idle stack, else (surplus, expired, drained,
 null pool) it is closed.  A slot counts towards ``size`` from ``open`` until
 the shell reports it ``closed``, so ``size <= max_size`` holds for the server
 too.  Methods return the actions the shell must carry out, in order.
+
+Nothing is opened before `PoolPolicy.open`.  Growth: a waiter that no
+connection attempt (nor a reset) is coming for makes the pool open one, up to
+``max_size``; an attempt started while nobody waited (to keep ``min_size``)
+is not coming for waiters, so one that hangs does not hold them back.  A slot that gives up after
+``reconnect_timeout`` is replaced by one that first waits a backoff delay.
 """
 
 from __future__ import annotations
@@ -110,10 +116,6 @@ class QueueFull(Exception):
     """``max_waiting`` clients are already waiting."""
 
 
-class WaitTimeout(Exception):
-    """No connection is available and the request's deadline has passed."""
-
-
 @dataclass(frozen=True, slots=True)
 class Grant(Generic[W]):
     """Hand slot `slot` to `waiter` (already removed from the queue)."""
@@ -142,9 +144,14 @@ class Expire(Generic[W]):
 
 @dataclass(frozen=True, slots=True)
 class Open:
-    """Start connecting slot `slot` (connect, then report connected/failed)."""
+    """Start connecting slot `slot` (connect, then report connected/failed).
+
+    `after`: seconds to wait before the first attempt (a slot replacing one
+    that gave up waits, so that a server that stays down is not hammered).
+    """
 
     slot: int
+    after: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +190,8 @@ class Slot:
     idle_since: float = 0.0
     lent_at: float = 0.0
     backoff: Backoff | None = None  # while connection attempts fail
+    # Started while clients waited (or for one): counts as coming for waiters.
+    for_waiters: bool = False
 
 
 @dataclass(slots=True)
@@ -205,12 +214,24 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
+@dataclass(slots=True)
+class _Waiter:
+    """A client waiting for a connection."""
+
+    since: float
+    deadline: float
+    #: Counted as queued (psycopg_pool's ``requests_queued``, ``requests_waiting``):
+    #: false for a null pool's request that has a connection opened for it at once.
+    queued: bool
+
+
 @dataclass
 class PoolPolicy(Generic[W]):
     """The state and rules of one pool.  See the module docstring.
 
     ``max_size=None`` means no limit (the null pool's ``max_size=0``).
     ``keep_idle=False`` gives the null pool: no connection is kept idle.
+    Nothing is opened until `open` (sizes may change before).
     """
 
     min_size: int
@@ -222,16 +243,16 @@ class PoolPolicy(Generic[W]):
     keep_idle: bool = True
     random: Callable[[], float] = field(default=lambda: 0.5, repr=False)
 
+    opened: bool = field(default=False, init=False)
     closed: bool = field(default=False, init=False)
     slots: dict[int, Slot] = field(default_factory=dict, init=False, repr=False)
     counters: Counters = field(default_factory=Counters, init=False)
     #: The error of the last failed connection attempt (opaque to the policy).
     last_error: object = field(default=None, init=False, repr=False)
     _idle: list[int] = field(default_factory=list, init=False, repr=False)  # LIFO stack
-    # waiter -> (queued at, deadline), in arrival order
-    _waiters: OrderedDict[W, tuple[float, float]] = field(
-        default_factory=OrderedDict, init=False, repr=False
-    )
+    # Waiting clients, in arrival order.
+    _waiters: OrderedDict[W, _Waiter] = field(default_factory=OrderedDict, init=False, repr=False)
+    _queued: int = field(default=0, init=False, repr=False)  # waiters counted as queued
     # (deadline, sequence, waiter) of queued waiters; entries of waiters that
     # left the queue are dropped lazily (and compacted, see `_push_deadline`)
     _deadlines: list[tuple[float, int, W]] = field(default_factory=list, init=False, repr=False)
@@ -254,7 +275,8 @@ class PoolPolicy(Generic[W]):
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        """Clients queued for a connection (not those a connection is opened for)."""
+        return self._queued
 
     def count(self, state: SlotState) -> int:
         return sum(1 for slot in self.slots.values() if slot.state is state)
@@ -271,9 +293,17 @@ class PoolPolicy(Generic[W]):
         """Idle slots, least recently used first."""
         return list(self._idle)
 
+    def next_idle(self) -> int | None:
+        """The idle slot `request` would lend next, if any."""
+        return self._idle[-1] if self._idle else None
+
     def waiters(self) -> list[W]:
         """Waiting clients, in the order they will be served."""
         return list(self._waiters)
+
+    def ready(self) -> int:
+        """Connections established (idle, lent or being reset)."""
+        return sum(1 for slot in self.slots.values() if slot.state in _READY)
 
     def next_deadline(self) -> float:
         """When `tick` next has work to do (``math.inf``: never, until an event)."""
@@ -291,6 +321,15 @@ class PoolPolicy(Generic[W]):
         self._timer_at = deadline
         return deadline
 
+    # -- lifetime ----------------------------------------------------------
+
+    def open(self) -> list[Action[W]]:
+        """Start: open connections up to ``min_size``."""
+        self.opened = True
+        actions: list[Action[W]] = []
+        self._refill(actions)
+        return actions
+
     # -- clients -----------------------------------------------------------
 
     def request(self, waiter: W, now: float, deadline: float = math.inf) -> int | list[Action[W]]:
@@ -298,12 +337,13 @@ class PoolPolicy(Generic[W]):
 
         Returns the slot lent to it at once, or the actions to carry out while
         it waits (it is queued: expect a `Grant`, `Expire` or `Reject` for it
-        later, unless it `cancel`s first).
+        later, unless it `cancel`s first).  A client that would have to wait
+        past its `deadline` gets its `Expire` among the actions at once; the
+        pool still grows for it, so that a next request may be served.
 
         Raises:
             PolicyClosed: the pool is closed.
             QueueFull: ``max_waiting`` clients are already waiting.
-            WaitTimeout: it would have to wait and `deadline` has passed.
         """
         if self.closed:
             self.counters.requests_errors += 1
@@ -314,17 +354,23 @@ class PoolPolicy(Generic[W]):
             slot.lent_at = now
             self.counters.requests_num += 1
             return slot.id
-        if self.max_waiting and len(self._waiters) >= self.max_waiting:
+        # A null pool with room opens a connection for this client: not queued.
+        queued = self.keep_idle or not self._has_room()
+        if queued and self.max_waiting and self._queued >= self.max_waiting:
             self.counters.requests_errors += 1
             raise QueueFull
-        if deadline <= now:
-            self.counters.requests_num += 1
-            self.counters.requests_errors += 1
-            raise WaitTimeout
         self.counters.requests_num += 1
-        self.counters.requests_queued += 1
-        self._waiters[waiter] = (now, deadline)
         actions: list[Action[W]] = []
+        if deadline <= now:
+            self.counters.requests_errors += 1
+            if self.keep_idle:
+                self._grow(actions, extra=1)
+            actions.append(Expire(waiter, 0.0))
+            return actions
+        if queued:
+            self.counters.requests_queued += 1
+            self._queued += 1
+        self._waiters[waiter] = _Waiter(now, deadline, queued)
         if deadline < math.inf:
             self._push_deadline(deadline, waiter, actions)
         self._grow(actions)
@@ -335,10 +381,10 @@ class PoolPolicy(Generic[W]):
 
         Harmless if it is not queued any more.
         """
-        queued = self._waiters.pop(waiter, None)
-        if queued is None:
+        entry = self._waiters.pop(waiter, None)
+        if entry is None:
             return
-        self.counters.requests_wait_ms += _ms(now - queued[0])
+        self._left_queue(entry, now)
         if timed_out:
             self.counters.requests_errors += 1
 
@@ -347,9 +393,10 @@ class PoolPolicy(Generic[W]):
     ) -> list[Action[W]]:
         """A lent connection comes back.
 
-        `by_pool`: the pool itself had it, to check it (`take_idle`, or a
-        client's ``check`` before the client gets it), so it counts as a
-        connection found lost rather than a bad return or usage.
+        `by_pool`: the pool itself had it (`take_idle`, a client's ``check``
+        before the client gets it, or a grant its client could not take), so
+        it counts as a connection found lost rather than a bad return, and
+        not as usage.
 
         Raises:
             KeyError: `slot_id` is not lent.
@@ -366,7 +413,7 @@ class PoolPolicy(Generic[W]):
             else:
                 self.counters.returns_bad += 1
             self._close(slot, actions)
-        elif outcome is DIRTY and (self.keep_idle or self._waiters):
+        elif not self.closed and (self.keep_idle or self._waiters):  # dirty
             slot.state = SlotState.RESETTING
             actions.append(Reset(slot.id))
         else:  # dirty, and no one to reset it for
@@ -394,10 +441,25 @@ class PoolPolicy(Generic[W]):
         slot.state = SlotState.LENT
         slot.lent_at = now
 
+    def idle_lost(self, slot_id: int) -> list[Action[W]]:
+        """An idle connection was found dead: close it (it counts as lost)."""
+        slot = self._slot_in(slot_id, SlotState.IDLE)
+        self._idle.remove(slot_id)
+        self.counters.connections_lost += 1
+        actions: list[Action[W]] = []
+        self._close(slot, actions)
+        self._refill(actions)
+        self._grow(actions)
+        return actions
+
     # -- connections -------------------------------------------------------
 
     def connected(self, slot_id: int, now: float, connect_seconds: float) -> list[Action[W]]:
-        """A connection attempt succeeded (connection configured)."""
+        """A connection attempt succeeded (connection configured).
+
+        A new connection serves a waiting client even if its lifetime is
+        already over (a tiny ``max_lifetime``): every connection made serves.
+        """
         slot = self._slot_in(slot_id, SlotState.CONNECTING)
         self.counters.connections_num += 1
         self.counters.connections_ms += _ms(connect_seconds)
@@ -405,7 +467,7 @@ class PoolPolicy(Generic[W]):
         slot.backoff = None
         slot.expires_at = now + self.max_lifetime * (1 - LIFETIME_JITTER * self.random())
         actions: list[Action[W]] = []
-        self._dispatch(slot, now, actions)
+        self._dispatch(slot, now, actions, fresh=True)
         return actions
 
     def connect_failed(
@@ -414,9 +476,11 @@ class PoolPolicy(Generic[W]):
         """A connection attempt failed.
 
         Returns the delay before the next attempt, or None when the slot gives
-        up (it is then removed; the actions say what follows).
+        up (it is then removed; the actions say what follows: a slot that
+        replaces it waits a first backoff delay before its first attempt).
         """
         slot = self._slot_in(slot_id, SlotState.CONNECTING)
+        self.counters.connections_num += 1
         self.counters.connections_errors += 1
         self.last_error = error
         actions: list[Action[W]] = []
@@ -429,9 +493,22 @@ class PoolPolicy(Generic[W]):
         if delay is None:
             del self.slots[slot.id]
             actions.append(ReconnectFailed())
-            self._refill(actions)
-            self._grow(actions)
+            after = Backoff(math.inf, self.random).next()
+            self._refill(actions, after)
+            self._grow(actions, after=after)
         return delay, actions
+
+    def attempted(self, connect_seconds: float, error: object = None) -> None:
+        """Count a connection attempt made outside any slot (a null pool's `wait`).
+
+        `error` is None if it succeeded.
+        """
+        self.counters.connections_num += 1
+        if error is None:
+            self.counters.connections_ms += _ms(connect_seconds)
+        else:
+            self.counters.connections_errors += 1
+            self.last_error = error
 
     def closed_slot(self, slot_id: int) -> list[Action[W]]:
         """A slot's connection is closed (or its connect abandoned): forget it."""
@@ -454,10 +531,10 @@ class PoolPolicy(Generic[W]):
         while self._deadlines and self._deadlines[0][0] <= now:
             entry = heapq.heappop(self._deadlines)
             if self._queued_with(entry):
-                queued_at, deadline = self._waiters.pop(entry[2])
-                self.counters.requests_wait_ms += _ms(now - queued_at)
+                waiter = self._waiters.pop(entry[2])
+                self._left_queue(waiter, now)
                 self.counters.requests_errors += 1
-                actions.append(Expire(entry[2], deadline - queued_at))
+                actions.append(Expire(entry[2], waiter.deadline - waiter.since))
         for slot_id in list(self._idle):
             slot = self.slots[slot_id]
             if slot.expires_at <= now:
@@ -524,6 +601,7 @@ class PoolPolicy(Generic[W]):
         actions: list[Action[W]] = [Reject(waiter) for waiter in self._waiters]
         self.counters.requests_errors += len(self._waiters)
         self._waiters.clear()
+        self._queued = 0
         self._deadlines.clear()
         for slot in list(self.slots.values()):
             if slot.state in (SlotState.IDLE, SlotState.CONNECTING):
@@ -544,20 +622,31 @@ class PoolPolicy(Generic[W]):
             raise KeyError(f"slot {slot_id} is not {state.value}")
         return slot
 
-    def _dispatch(self, slot: Slot, now: float, actions: list[Action[W]]) -> None:
-        """`slot`'s connection is ready: serve a waiter, keep it idle, or close it."""
+    def _left_queue(self, waiter: _Waiter, now: float) -> None:
+        """Book-keeping for a waiter leaving the queue (served, expired, cancelled)."""
+        if waiter.queued:
+            self._queued -= 1
+            self.counters.requests_wait_ms += _ms(now - waiter.since)
+
+    def _dispatch(
+        self, slot: Slot, now: float, actions: list[Action[W]], *, fresh: bool = False
+    ) -> None:
+        """`slot`'s connection is ready: serve a waiter, keep it idle, or close it.
+
+        `fresh`: it was just made, so it serves a waiter even if expired.
+        """
         if (
             self.closed
             or slot.generation != self._generation
-            or slot.expires_at <= now
+            or (slot.expires_at <= now and not (fresh and self._waiters))
             or (self.max_size is not None and self._staying() > self.max_size)
         ):
             self._close(slot, actions)
             self._refill(actions)
             self._grow(actions)
         elif self._waiters:
-            waiter, (queued_at, _) = self._waiters.popitem(last=False)
-            self.counters.requests_wait_ms += _ms(now - queued_at)
+            waiter, entry = self._waiters.popitem(last=False)
+            self._left_queue(entry, now)
             slot.state = LENT
             slot.lent_at = now
             actions.append(Grant(waiter, slot.id))
@@ -576,8 +665,8 @@ class PoolPolicy(Generic[W]):
 
     def _queued_with(self, entry: tuple[float, int, W]) -> bool:
         """Is `entry` (of `_deadlines`) the deadline of a waiter still queued?"""
-        queued = self._waiters.get(entry[2])
-        return queued is not None and queued[1] == entry[0]
+        waiter = self._waiters.get(entry[2])
+        return waiter is not None and waiter.deadline == entry[0]
 
     def _push_deadline(self, deadline: float, waiter: W, actions: list[Action[W]]) -> None:
         if len(self._deadlines) > 2 * len(self._waiters) + 64:
@@ -594,23 +683,35 @@ class PoolPolicy(Generic[W]):
         """Slots not being closed: what shrinking decisions count."""
         return len(self.slots) - self._closing
 
+    def _has_room(self) -> bool:
+        return self.max_size is None or self.size < self.max_size
+
     def _close(self, slot: Slot, actions: list[Action[W]]) -> None:
         self._closing += 1
         slot.state = SlotState.CLOSING
         actions.append(Close(slot.id))
 
-    def _open(self, actions: list[Action[W]]) -> None:
-        slot = Slot(self._next_slot, self._generation)
+    def _open(self, actions: list[Action[W]], after: float, *, for_waiters: bool) -> None:
+        # Clients waiting now count on any attempt: one started while nobody
+        # waited (to keep min_size) may hang, and must not hold later ones back.
+        for_waiters = for_waiters or bool(self._waiters)
+        slot = Slot(self._next_slot, self._generation, for_waiters=for_waiters)
         self._next_slot += 1
         self.slots[slot.id] = slot
-        actions.append(Open(slot.id))
+        actions.append(Open(slot.id, after))
 
     def _incoming(self) -> int:
-        """Connections that will become available without a client returning one."""
+        """Connections that will serve waiters without a client returning one.
+
+        Attempts started while nobody waited (to keep ``min_size``) do not
+        count: one that hangs (a ``configure`` callback stuck, say) must not
+        keep the pool from growing for the clients that wait.
+        """
         return sum(
             1
             for slot in self.slots.values()
-            if slot.state in (SlotState.CONNECTING, SlotState.RESETTING)
+            if (slot.state is SlotState.CONNECTING and slot.for_waiters)
+            or slot.state is SlotState.RESETTING
         )
 
     def _needed(self, excluding: Slot) -> bool:
@@ -618,21 +719,20 @@ class PoolPolicy(Generic[W]):
         size = self.size - 1
         if size < self.min_size:
             return True
-        return len(self._waiters) > self._incoming() - 1
+        return len(self._waiters) > self._incoming() - excluding.for_waiters
 
-    def _refill(self, actions: list[Action[W]]) -> None:
-        while not self.closed and self.size < self.min_size:
-            self._open(actions)
+    def _refill(self, actions: list[Action[W]], after: float = 0.0) -> None:
+        while self.opened and not self.closed and self.size < self.min_size:
+            self._open(actions, after, for_waiters=False)
 
-    def _grow(self, actions: list[Action[W]]) -> None:
-        """Open connections for waiters that nothing in progress will serve."""
-        if (
-            self.closed
-            or not self._waiters
-            or (self.max_size is not None and self.size >= self.max_size)
-        ):
+    def _grow(self, actions: list[Action[W]], *, extra: int = 0, after: float = 0.0) -> None:
+        """Open connections for waiters (and `extra` clients) nothing in progress serves."""
+        if not self.opened or self.closed or not self._has_room():
             return
-        missing = len(self._waiters) - self._incoming()
-        while missing > 0 and (self.max_size is None or self.size < self.max_size):
-            self._open(actions)
+        missing = len(self._waiters) + extra - self._incoming()
+        while missing > 0 and self._has_room():
+            self._open(actions, after, for_waiters=True)
             missing -= 1
+
+
+_READY: Final = (SlotState.IDLE, SlotState.LENT, SlotState.RESETTING)

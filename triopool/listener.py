@@ -27,7 +27,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from ._groups import single_exception
+from ._groups import raise_from_group
 from ._policy import Backoff
 from .errors import PoolTimeout
 
@@ -216,10 +216,7 @@ async def open_listener(
                 notifications._end()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        single = single_exception(group)
-        if single is None:
-            raise
-        raise single from single.__cause__
+        raise_from_group(group)
 
 
 async def _serve_until_closed(pool: ConnectionPool, notifications: Notifications) -> None:

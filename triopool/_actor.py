@@ -1,0 +1,383 @@
+"""Connection actors: one task per pooled connection, from connect to close.
+
+An actor owns one slot of the pool (see `triopool._policy`) and the psycopg
+connection made for it.  It takes commands from its mailbox, sent by the
+scheduler actor (`triopool._scheduler`), and reports what happened back to
+the scheduler's inbox; it never decides anything itself::
+
+    [wait `after`] ─► connect + configure ──ok──► Connected ─► serve commands:
+         ▲                 │                                    RESET ─► ResetDone
+         │              failed                                  CHECK ─► Checked
+         │                 ▼                                    CLOSE ─► (end)
+         └── Retry(at) ◄─ ConnectFailed  (or CLOSE: end)
+                                                        at the end: Ended
+
+While its connection is lent to a client the actor has nothing to do: the
+client owns the connection until it gives it back to the scheduler.  An
+actor cancelled (the pool stopping) closes its connection, unless a client
+holds it: then the pool closes it when it comes back.
+
+`Connector` makes connections (for actors, a null pool's ``wait`` and the
+listener): it resolves the conninfo and kwargs (callables are called for
+every connection), connects with the pool's connection class and runs the
+``configure`` callback, the whole attempt bounded by the pool's timeout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import select
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import psycopg
+import trio
+from psycopg import pq
+from trio.lowlevel import Task
+
+from ._policy import BROKEN, CLEAN, DIRTY, Outcome
+from .connection import Connection
+
+logger = logging.getLogger("triopool")
+
+AnyConnection: TypeAlias = Connection[Any]
+ConnectionCallback: TypeAlias = Callable[[AnyConnection], Awaitable[None]]
+ConninfoParam: TypeAlias = str | Callable[[], str | Awaitable[str]]
+KwargsParam: TypeAlias = (
+    Mapping[str, Any] | Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]] | None
+)
+Report: TypeAlias = Callable[[object], None]
+
+_IDLE = pq.TransactionStatus.IDLE
+_DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+_OK = pq.ConnStatus.OK
+#: Bound of `check_connection`'s shielded restoring of autocommit.
+_RESTORE_TIMEOUT = 5.0
+
+
+async def maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value  # noqa: ASYNC910  # callers checkpoint
+
+
+def outcome_of(conn: AnyConnection, *, reset: bool) -> Outcome:
+    """How `conn` comes back to the pool (`reset`: a ``reset`` callback is set)."""
+    # libpq reports UNKNOWN unless the connection is OK: no status call needed.
+    status = conn.pgconn.transaction_status
+    if status == _IDLE:
+        return DIRTY if reset else CLEAN
+    if status in _DIRTY_STATES:
+        return DIRTY
+    return BROKEN
+
+
+def alive(conn: AnyConnection) -> bool:
+    """Whether an idle connection still looks usable, without waiting.
+
+    A server that ends a session (a terminated backend, a restart) sends an
+    error and closes the socket: anything to read on an idle connection is
+    read (one ``poll`` and, only then, a ``recv``), and the connection counts
+    as dead if libpq then finds it broken or not idle.
+    """
+    pgconn = conn.pgconn
+    if conn.closed or pgconn.status != _OK:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN)
+        if not poller.poll(0):
+            return True
+        pgconn.consume_input()
+    except (psycopg.OperationalError, OSError):
+        return False
+    return pgconn.status == _OK and pgconn.transaction_status == _IDLE
+
+
+async def check_connection(conn: AnyConnection) -> None:
+    """A ready-made ``check`` callback: one cheap round trip to the server.
+
+    Raises if the connection does not work.
+
+    Checkpoints: always.  If cancelled: the round trip is abandoned as any
+    cancelled query is (see `Connection`; as the pool's ``check`` the
+    connection is then closed at once), and the connection's autocommit
+    setting is restored unless it was closed.
+    """
+    if conn.autocommit:
+        await conn.execute("")
+        return
+    await conn.set_autocommit(True)
+    try:
+        await conn.execute("")
+    finally:
+        # Even if cancelled: the connection must not go back autocommit.  (Not
+        # bounded by conn.cancel_timeout, which the pool zeroes while checking: on
+        # an idle connection this does no I/O.)
+        with trio.move_on_after(_RESTORE_TIMEOUT, shield=True):  # noqa: ASYNC912  # shielded cleanup
+            if not conn.closed:
+                await conn.set_autocommit(False)
+
+
+class Connector:
+    """Makes the pool's connections (see the module docstring)."""
+
+    def __init__(
+        self,
+        conninfo: ConninfoParam,
+        kwargs: KwargsParam,
+        connection_class: type[AnyConnection],
+        configure: ConnectionCallback | None,
+        attempt_timeout: float,
+        owner: object,
+    ) -> None:
+        self.conninfo = conninfo
+        self.kwargs = kwargs
+        self.connection_class = connection_class
+        self.configure = configure
+        self.attempt_timeout = attempt_timeout
+        #: Set as the pooled connections' ``_pool`` (``close_returns`` asks it).
+        self.owner = owner
+
+    async def _params(self) -> tuple[str, dict[str, Any]]:
+        """The conninfo and kwargs for a new connection (callables called now)."""
+        conninfo = self.conninfo
+        if callable(conninfo):
+            conninfo = await maybe_await(conninfo())
+        kwargs = self.kwargs
+        if callable(kwargs):
+            kwargs = await maybe_await(kwargs())
+        return conninfo, dict(kwargs or {})  # noqa: ASYNC910  # nothing to wait for unless callables are async
+
+    async def connect(self) -> AnyConnection:
+        """One connection attempt for the pool: conninfo/kwargs, connect, ``configure``.
+
+        Bounded by the pool's timeout (a ``configure`` that hangs fails the
+        attempt).  The connection must be left idle by ``configure``.  The
+        connection's ``_pool`` is the `owner`, as psycopg_pool sets it.
+
+        Raises:
+            psycopg.OperationalError: the attempt failed or took too long.
+            Exception: whatever a callback raised.
+        """
+        with trio.move_on_after(self.attempt_timeout) as scope:
+            conninfo, kwargs = await self._params()
+            conn = await self.connection_class.connect(conninfo, **kwargs)
+            try:
+                if self.configure is not None:
+                    await self.configure(conn)
+                if conn.pgconn.transaction_status != _IDLE:
+                    status = pq.TransactionStatus(conn.pgconn.transaction_status)
+                    raise psycopg.ProgrammingError(
+                        f"connection left in status {status.name} by configure function:"
+                        " discarded"
+                    )
+            except BaseException:
+                conn._close_now()
+                raise
+            conn._pool = self.owner  # type: ignore[assignment]  # as psycopg_pool: for close_returns
+            return conn
+        assert scope.cancelled_caught
+        raise psycopg.errors.ConnectionTimeout(
+            f"connection attempt (connect and configure) not complete after"
+            f" {self.attempt_timeout} sec"
+        )
+
+    async def connect_unpooled(self) -> AnyConnection:
+        """A connection for a listener: autocommit, not configured."""
+        conninfo, kwargs = await self._params()
+        kwargs["autocommit"] = True
+        return await self.connection_class.connect(conninfo, **kwargs)
+
+
+# -- what the scheduler tells an actor ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Try connecting again at `at` (trio time)."""
+
+    at: float
+
+
+RESET: Final = "reset"  # roll back / run ``reset``, then report ResetDone
+CHECK: Final = "check"  # run `check_connection`, then report Checked
+CLOSE: Final = "close"  # close the connection and end
+Command: TypeAlias = Retry | str
+
+
+# -- what an actor tells the scheduler ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    actor: ConnectionActor
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    actor: ConnectionActor
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True)
+class ResetDone:
+    actor: ConnectionActor
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    actor: ConnectionActor
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    actor: ConnectionActor
+
+
+class ConnectionActor:
+    """The task owning one slot's connection (see the module docstring).
+
+    Attributes the scheduler and clients read or set (never across a
+    checkpoint of this actor): `conn` (once connected), `holder` (the task
+    holding the connection, set by the scheduler when it grants it, cleared
+    by the client giving it back), `lease` (what identifies one loan, set by
+    the client), `lent_at` and `stack` (for ``holders()`` and leak reports).
+    """
+
+    __slots__ = (
+        "_close_requested",
+        "_commands",
+        "_connect_scope",
+        "conn",
+        "holder",
+        "lease",
+        "lent_at",
+        "mailbox",
+        "name",
+        "slot",
+        "stack",
+    )
+
+    def __init__(self, slot: int, name: str) -> None:
+        self.slot = slot
+        self.name = name
+        self.conn: AnyConnection | None = None
+        self.holder: Task | None = None
+        self.lease: object = None
+        self.lent_at = 0.0
+        self.stack: object = None
+        self.mailbox, self._commands = trio.open_memory_channel[Command](math.inf)
+        self._connect_scope = trio.CancelScope()  # the attempt in progress
+        self._close_requested = False
+
+    def __repr__(self) -> str:
+        return f"<ConnectionActor {self.name!r} slot {self.slot}>"
+
+    def command(self, command: Command) -> None:
+        """Queue `command` (never waits).  CLOSE also abandons a connection attempt."""
+        try:
+            self.mailbox.send_nowait(command)
+        except trio.BrokenResourceError:
+            return  # ended already
+        if command is CLOSE:
+            self._close_requested = True
+            self._connect_scope.cancel()
+
+    async def run(
+        self,
+        connector: Connector,
+        reset: ConnectionCallback | None,
+        timeout: float,  # noqa: ASYNC109  # bounds each reset and check
+        report: Report,
+        after: float,
+    ) -> None:
+        """Connect, then serve commands until CLOSE; report `Ended` at the end."""
+        try:
+            with self._commands:
+                if after > 0 and not await self._wait_until(trio.current_time() + after):
+                    return
+                if not await self._establish(connector, report):
+                    return
+                assert self.conn is not None
+                async for command in self._commands:
+                    if command is CLOSE:
+                        break
+                    if command is RESET:
+                        report(ResetDone(self, await self._reset(self.conn, reset, timeout)))
+                    elif command is CHECK:
+                        report(Checked(self, await self._check(self.conn, timeout)))
+        finally:
+            if self.conn is not None and self.holder is None:
+                self.conn._close_now()
+            try:
+                report(Ended(self))
+            except trio.ClosedResourceError:
+                pass  # the scheduler has stopped
+
+    async def _wait_until(self, at: float) -> bool:
+        """Sleep until `at` unless told to close first; False if told to close."""
+        with trio.move_on_at(at):
+            command = await self._commands.receive()
+            assert command is CLOSE, command
+            return False
+        return True
+
+    async def _establish(self, connector: Connector, report: Report) -> bool:
+        """Connect (retrying as the scheduler says); False if told to close first."""
+        while not self._close_requested:
+            started = trio.current_time()
+            with trio.CancelScope() as self._connect_scope:
+                try:
+                    conn = await connector.connect()
+                except Exception as ex:
+                    logger.warning("%s: error connecting: %s", self.name, ex)
+                    report(ConnectFailed(self, ex))
+                else:
+                    self.conn = conn
+                    report(Connected(self, trio.current_time() - started))
+                    return True
+            if self._connect_scope.cancelled_caught:
+                return False
+            command = await self._commands.receive()
+            if not isinstance(command, Retry) or not await self._wait_until(command.at):
+                return False
+        return False  # noqa: ASYNC910  # told to close before an attempt
+
+    async def _reset(  # noqa: ASYNC910  # a background task's step
+        self,
+        conn: AnyConnection,
+        reset: ConnectionCallback | None,
+        timeout: float,  # noqa: ASYNC109
+    ) -> bool:
+        """Bring a returned connection back to idle: whether that worked."""
+        ok = False
+        with trio.move_on_after(timeout):  # noqa: ASYNC912  # nothing to reset is fine
+            try:
+                if conn.pgconn.transaction_status in _DIRTY_STATES:
+                    await conn.rollback()
+                if reset is not None:
+                    await reset(conn)
+                ok = not conn.closed and conn.pgconn.transaction_status == _IDLE
+                if not ok:
+                    logger.warning("%s: connection left not idle by reset: discarded", self.name)
+            except Exception as ex:
+                logger.warning("%s: error resetting connection: %s", self.name, ex)
+        return ok
+
+    async def _check(self, conn: AnyConnection, timeout: float) -> Outcome:  # noqa: ASYNC109
+        """`check_connection` for ``pool.check()``: how the connection comes back."""
+        with trio.move_on_after(timeout):
+            try:
+                await check_connection(conn)
+            except Exception as ex:
+                logger.warning("%s: discarding broken connection: %s", self.name, ex)
+                return BROKEN
+            return outcome_of(conn, reset=False)
+        return BROKEN

@@ -1,0 +1,552 @@
+"""The scheduler actor: the one task that decides who gets which connection.
+
+Every request reaches the scheduler as a message on its inbox, an unbounded
+trio memory channel: clients' acquires (`Request`) and releases (`Release`),
+the connection actors' reports (`triopool._actor`), and the administrative
+calls (`Resize`, `Drain`, `CheckIdle`, `Shutdown`, `WaitReady`, `Attempted`).
+The scheduler is the only owner of the pool's state, the pure policy
+(`triopool._policy.PoolPolicy`): each turn it waits for one message, drains
+whatever else arrived since its last turn, feeds the whole batch to the
+policy, and carries out the policy's actions: it wakes served clients with
+their connection, starts connection actors and sends them commands.  It
+waits for the next message under one ``trio.move_on_at`` set to the policy's
+next deadline, which is how request timeouts, idle shrink and
+``max_lifetime`` happen: requests need no cancel scope of their own.
+
+Where each guarantee lives:
+
+* **FIFO and ``max_waiting``**: the policy's queue (`PoolPolicy.request`,
+  `PoolPolicy._dispatch`); the inbox keeps arrival order.
+* **Deadlines**: the policy's deadline heap, fired by this actor's
+  ``move_on_at`` (`Scheduler.run`).
+* **Hand-off without loss**: a client parks in
+  `trio.lowlevel.wait_task_rescheduled` after sending its `Request`; the
+  scheduler wakes it with ``reschedule`` (a connection, or an error).  trio
+  calls a parked task's abort function only if it was not rescheduled, so
+  exactly one of "served" and "cancelled" happens.  The abort marks the
+  request dead and sends it again, so the policy forgets it; a connection
+  the policy granted to a dead request goes back through the policy (to
+  the next waiter or to idle).  The scheduler never wakes a dead request.
+* **Releases never wait**: `Scheduler.release` is a ``send_nowait``, safe in
+  cancelled cleanup; once the scheduler has stopped, the connection is
+  closed at once instead.
+* **No broken connection handed out from idle**: before lending an idle
+  connection the scheduler looks at its socket without waiting
+  (`triopool._actor.alive`); a dead one is closed and replaced.
+
+There is no bypass: a lone client that finds an idle connection also goes
+through the inbox (one more task switch; see the architecture docs for the
+measurements that chose this).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import outcome
+import trio
+from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
+
+from ._actor import (
+    CHECK,
+    CLOSE,
+    RESET,
+    AnyConnection,
+    Checked,
+    ConnectFailed,
+    Connected,
+    ConnectionActor,
+    ConnectionCallback,
+    Connector,
+    Ended,
+    ResetDone,
+    Retry,
+    alive,
+)
+from ._policy import (
+    BROKEN,
+    CLEAN,
+    Action,
+    Close,
+    Expire,
+    Grant,
+    Open,
+    Outcome,
+    PolicyClosed,
+    PoolPolicy,
+    QueueFull,
+    ReconnectFailed,
+    Reject,
+    Reset,
+    SlotState,
+    Wake,
+)
+from .errors import PoolClosed, PoolTimeout, TooManyRequests
+
+logger = logging.getLogger("triopool")
+
+
+class Request:
+    """A client's request for a connection (see the module docstring)."""
+
+    __slots__ = ("alive", "deadline", "task")
+
+    def __init__(self, task: Task, deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.alive = True
+
+
+class Release:
+    """A lent connection comes back (`by_pool`: the pool had it, not a user)."""
+
+    __slots__ = ("actor", "by_pool", "outcome")
+
+    def __init__(self, actor: ConnectionActor, outcome: Outcome, by_pool: bool) -> None:
+        self.actor = actor
+        self.outcome = outcome
+        self.by_pool = by_pool
+
+
+@dataclass(eq=False)
+class Resize:
+    min_size: int
+    max_size: int | None
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
+class Drain:
+    """Replace every connection (`since_slot`: only if that one is of the newest generation)."""
+
+    since_slot: int | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
+class CheckIdle:
+    """Check every idle connection; `done` once all checks are over."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    pending: int = 0
+
+
+@dataclass(eq=False)
+class Shutdown:
+    """Stop serving; the scheduler ends once the connections not lent are closed."""
+
+    timeout: float  # noqa: ASYNC109  # seconds, then the remaining actors are cancelled
+
+
+@dataclass(eq=False)
+class WaitReady:
+    """`done` once ``min_size`` connections are established (or the pool closed)."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempted:
+    """A connection attempt made outside the pool's slots (a null pool's ``wait``)."""
+
+    seconds: float
+    error: Exception | None
+
+
+class Scheduler:
+    """The scheduler actor of one pool (see the module docstring).
+
+    Client-side methods (`acquire`, `release`, `call`, `tell`) are called from
+    client tasks; `run` is the actor.
+    """
+
+    def __init__(
+        self,
+        policy: PoolPolicy[Request],
+        name: str,
+        connector: Connector,
+        reset: ConnectionCallback | None,
+        timeout: float,  # noqa: ASYNC109  # bounds resets and checks
+        reconnect_failed: Callable[[], None],
+        timeout_error: Callable[[float], PoolTimeout],
+    ) -> None:
+        self.policy = policy
+        self.name = name
+        self._connector = connector
+        self._reset = reset
+        self._timeout = timeout
+        self._reconnect_failed = reconnect_failed
+        self._timeout_error = timeout_error
+        #: Actors by slot: every slot the policy knows has one (until it ends).
+        self.actors: dict[int, ConnectionActor] = {}
+        self._actor_of: dict[AnyConnection, ConnectionActor] = {}  # once connected
+        self._inbox, self._messages = trio.open_memory_channel[object](math.inf)
+        self._nursery: trio.Nursery | None = None
+        self._checks: dict[int, CheckIdle] = {}  # slot -> the CheckIdle it is part of
+        self._ready_waiters: list[trio.Event] = []
+        self._close_deadline = math.inf
+        self.stopped = False
+
+    # -- client side (never waits but where it says) ----------------------------
+
+    async def acquire(self, deadline: float) -> ConnectionActor:
+        """Queue a request and wait for a connection, until `deadline` at most.
+
+        Checkpoints: always (the calling task parks until served).  If
+        cancelled: the request is withdrawn; a connection the policy had
+        already granted to it goes to the next waiter or back to idle.
+
+        Raises:
+            PoolTimeout: not served by `deadline`.
+            TooManyRequests: ``max_waiting`` clients are already waiting.
+            PoolClosed: the pool is closed, or was closed while waiting.
+        """
+        request = Request(current_task(), deadline)
+        self.tell(request)
+        inbox = self._inbox
+
+        def abort(_: Any) -> Abort:
+            request.alive = False
+            try:
+                inbox.send_nowait(request)  # again: the scheduler forgets it
+            except trio.ClosedResourceError:
+                pass  # stopped: nothing to forget
+            return Abort.SUCCEEDED
+
+        actor: ConnectionActor = await wait_task_rescheduled(abort)
+        return actor
+
+    def release(self, actor: ConnectionActor, outcome: Outcome, *, by_pool: bool = False) -> None:
+        """Give back the connection of `actor` (the caller held it).  Never waits.
+
+        Once the scheduler has stopped, the connection is closed here.
+        """
+        actor.holder = None
+        actor.lease = None
+        try:
+            self._inbox.send_nowait(Release(actor, outcome, by_pool))
+        except trio.ClosedResourceError:
+            now = trio.current_time()
+            self.settle(self.policy.release(actor.slot, now, outcome, by_pool=by_pool), now)
+
+    def actor_of(self, conn: AnyConnection) -> ConnectionActor | None:
+        """The actor owning `conn` (None if it is not this pool's, or closed)."""
+        return self._actor_of.get(conn)
+
+    def tell(self, message: object) -> None:
+        """Send `message` without waiting for it to be handled.
+
+        Raises:
+            PoolClosed: the scheduler has stopped.
+        """
+        try:
+            self._inbox.send_nowait(message)
+        except trio.ClosedResourceError:
+            raise PoolClosed(f"the pool {self.name!r} is closed") from None
+
+    async def call(self, message: Resize | Drain | CheckIdle | WaitReady) -> None:
+        """Send `message` and wait until it is handled.
+
+        Checkpoints: always.  If cancelled: the message is still handled.
+        """
+        self.tell(message)
+        await message.done.wait()
+
+    # -- the actor -----------------------------------------------------------------
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Serve until the pool is closed, then cancel `nursery` (the pool's).
+
+        The pool's connection actors run in `nursery`.  If cancelled, the
+        pool is closed at once: waiting clients get `PoolClosed`,
+        connections not lent are closed (by their actors, being cancelled
+        too), lent ones when they come back.
+        """
+        self._nursery = nursery
+        policy = self.policy
+        messages = self._messages
+        clock = trio.lowlevel.current_clock()
+        try:
+            self._execute(policy.open(), clock.current_time())
+            deadline = policy.next_deadline()
+            while not self._finished():
+                with trio.move_on_at(min(deadline, self._close_deadline)):
+                    first = await messages.receive()
+                    self._wake = False
+                    now = clock.current_time()
+                    self._handle(first, now)
+                    while True:
+                        try:
+                            message = messages.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        self._handle(message, now)
+                    if self._wake:
+                        deadline = policy.next_deadline()
+                now = clock.current_time()
+                if now >= deadline:
+                    self._execute(policy.tick(now), now)
+                    deadline = policy.next_deadline()
+                if self._ready_waiters:
+                    self._notify_ready()
+        finally:
+            self._stop()
+            nursery.cancel_scope.cancel()
+
+    _wake = False  # a handled message moved a deadline earlier
+
+    def _finished(self) -> bool:
+        """After `Shutdown`: every connection not lent to a client is closed, or time is up."""
+        policy = self.policy
+        if not policy.closed:
+            return False
+        remaining = policy.size - policy.count(SlotState.LENT) + len(self._checks)
+        return remaining == 0 or trio.current_time() >= self._close_deadline
+
+    def _handle(self, message: object, now: float) -> None:
+        """Feed one message to the policy and carry out what it decides."""
+        policy = self.policy
+        kind = type(message)
+        if kind is Request:
+            assert isinstance(message, Request)
+            if message.alive:
+                self._serve(message, now)
+            else:
+                policy.cancel(message, now)
+        elif kind is Release:
+            assert isinstance(message, Release)
+            self._execute(
+                policy.release(message.actor.slot, now, message.outcome, by_pool=message.by_pool),
+                now,
+            )
+        elif kind is Connected:
+            assert isinstance(message, Connected)
+            actor = message.actor
+            if policy.state_of(actor.slot) is SlotState.CONNECTING:
+                assert actor.conn is not None
+                self._actor_of[actor.conn] = actor
+                self._execute(policy.connected(actor.slot, now, message.seconds), now)
+            # else: being closed; CLOSE is in its mailbox.
+        elif kind is ConnectFailed:
+            assert isinstance(message, ConnectFailed)
+            self._connect_failed(message.actor, message.error, now)
+        elif kind is ResetDone:
+            assert isinstance(message, ResetDone)
+            self._execute(policy.reset_done(message.actor.slot, now, ok=message.ok), now)
+        elif kind is Checked:
+            assert isinstance(message, Checked)
+            slot = message.actor.slot
+            self._execute(policy.release(slot, now, message.outcome, by_pool=True), now)
+            check = self._checks.pop(slot)
+            check.pending -= 1
+            if not check.pending:
+                check.done.set()
+        elif kind is Ended:
+            assert isinstance(message, Ended)
+            self._ended(message.actor, now)
+        else:
+            self._administer(message, now)
+
+    def _administer(self, message: object, now: float) -> None:
+        policy = self.policy
+        if isinstance(message, Resize):
+            self._execute(policy.resize(message.min_size, message.max_size), now)
+            message.done.set()
+        elif isinstance(message, Drain):
+            actions = policy.drain(message.since_slot)
+            if actions and message.since_slot is not None:
+                logger.warning("%s: server changed role (failover?): draining the pool", self.name)
+            self._execute(actions, now)
+            message.done.set()
+        elif isinstance(message, CheckIdle):
+            self._check_idle(message, now)
+        elif isinstance(message, WaitReady):
+            self._ready_waiters.append(message.done)
+        elif isinstance(message, Attempted):
+            policy.attempted(message.seconds, message.error)
+        elif isinstance(message, Shutdown):
+            self._close_deadline = trio.current_time() + message.timeout
+            self._execute(policy.close(), now)
+        else:  # pragma: no cover  # a bug in the shell
+            raise AssertionError(f"unknown message {message!r}")
+
+    def _serve(self, request: Request, now: float) -> None:
+        """A live request: lend an idle connection (if alive), else queue it."""
+        policy = self.policy
+        while (slot := policy.next_idle()) is not None:
+            conn = self.actors[slot].conn
+            if conn is not None and alive(conn):
+                break
+            logger.warning("%s: idle connection found dead: replacing it", self.name)
+            self._execute(policy.idle_lost(slot), now)
+        try:
+            result = policy.request(request, now, request.deadline)
+        except PolicyClosed:
+            reschedule(request.task, outcome.Error(self._closed_error()))
+            return
+        except QueueFull:
+            error = TooManyRequests(
+                f"the pool {self.name!r} has already {policy.waiting} requests waiting"
+            )
+            reschedule(request.task, outcome.Error(error))
+            return
+        if isinstance(result, int):
+            self._grant(request, result)
+        else:
+            self._execute(result, now)
+
+    def _grant(self, request: Request, slot: int) -> None:
+        actor = self.actors[slot]
+        actor.holder = request.task
+        reschedule(request.task, outcome.Value(actor))
+
+    def _connect_failed(self, actor: ConnectionActor, error: Exception, now: float) -> None:
+        policy = self.policy
+        if policy.state_of(actor.slot) is not SlotState.CONNECTING:
+            return  # being closed; CLOSE is in its mailbox
+        delay, actions = policy.connect_failed(actor.slot, now, error)
+        actor.command(CLOSE if delay is None else Retry(now + delay))
+        self._execute(actions, now)
+
+    def _ended(self, actor: ConnectionActor, now: float) -> None:
+        slot = actor.slot
+        if self.actors.get(slot) is actor:
+            del self.actors[slot]
+        if actor.conn is not None:
+            self._actor_of.pop(actor.conn, None)
+        check = self._checks.pop(slot, None)
+        if check is not None:
+            check.pending -= 1
+            if not check.pending:
+                check.done.set()
+        if slot in self.policy.slots:
+            self._execute(self.policy.closed_slot(slot), now)
+
+    def _check_idle(self, message: CheckIdle, now: float) -> None:
+        policy = self.policy
+        for slot in policy.idle_slots():
+            policy.take_idle(slot, now)
+            self._checks[slot] = message
+            message.pending += 1
+            self.actors[slot].command(CHECK)
+        if not message.pending:
+            message.done.set()
+
+    def _notify_ready(self) -> None:
+        if self.policy.closed or self.policy.ready() >= self.policy.min_size:
+            for event in self._ready_waiters:
+                event.set()
+            self._ready_waiters.clear()
+
+    def _closed_error(self) -> PoolClosed:
+        return PoolClosed(f"the pool {self.name!r} is closed")
+
+    def _execute(self, actions: list[Action[Request]], now: float) -> None:
+        """Carry out `actions`, in order, without waiting."""
+        for action in actions:
+            kind = type(action)
+            if kind is Grant:
+                assert isinstance(action, Grant)
+                request = action.waiter
+                if request.alive:
+                    self._grant(request, action.slot)
+                else:  # cancelled meanwhile: the next waiter, or idle
+                    self._execute(self.policy.release(action.slot, now, CLEAN, by_pool=True), now)
+            elif kind is Expire:
+                assert isinstance(action, Expire)
+                if action.waiter.alive:
+                    error = self._timeout_error(action.waited)
+                    reschedule(action.waiter.task, outcome.Error(error))
+            elif kind is Reject:
+                assert isinstance(action, Reject)
+                if action.waiter.alive:
+                    reschedule(action.waiter.task, outcome.Error(self._closed_error()))
+            elif kind is Open:
+                assert isinstance(action, Open)
+                self._start_actor(action.slot, action.after)
+            elif kind is Close:
+                assert isinstance(action, Close)
+                self.actors[action.slot].command(CLOSE)
+            elif kind is Reset:
+                assert isinstance(action, Reset)
+                self.actors[action.slot].command(RESET)
+            elif kind is Wake:
+                self._wake = True
+            elif kind is ReconnectFailed:
+                self._reconnect_failed()
+
+    def _start_actor(self, slot: int, after: float) -> None:
+        assert self._nursery is not None
+        actor = ConnectionActor(slot, f"{self.name} conn {slot}")
+        self.actors[slot] = actor
+        self._nursery.start_soon(
+            actor.run,
+            self._connector,
+            self._reset,
+            self._timeout,
+            self._inbox.send_nowait,
+            after,
+            name=actor.name,
+        )
+
+    def _stop(self) -> None:
+        """The scheduler ends: fail every request, close what is not lent.
+
+        Synchronous (it runs when the scheduler is cancelled too).  From now
+        on `tell` raises `PoolClosed`, and a connection given back is closed
+        by `release` itself, which keeps the policy's books.
+        """
+        self.stopped = True
+        self._inbox.close()
+        policy = self.policy
+        now = trio.current_time()
+        self.settle(policy.close(), now)
+        while True:
+            try:
+                message = self._messages.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if isinstance(message, Request):
+                if message.alive:
+                    message.alive = False
+                    reschedule(message.task, outcome.Error(self._closed_error()))
+            elif isinstance(message, Release):
+                self.settle(policy.release(message.actor.slot, now, message.outcome), now)
+            elif isinstance(message, (Resize, Drain, CheckIdle, WaitReady)):
+                message.done.set()
+        self._messages.close()
+        for slot, check in list(self._checks.items()):
+            del self._checks[slot]
+            self.settle(policy.release(slot, now, BROKEN, by_pool=True), now)
+            check.done.set()
+        # What connection actors were doing is over: they are cancelled with the pool.
+        for slot in list(policy.slots.values()):
+            if slot.state is not SlotState.LENT:
+                if slot.state is SlotState.RESETTING:
+                    self.settle(policy.reset_done(slot.id, now, ok=False), now)
+                else:
+                    self._closed_now(slot.id)
+        for event in self._ready_waiters:
+            event.set()
+
+    def settle(self, actions: list[Action[Request]], now: float) -> None:
+        """Carry out `actions` once stopped: nothing starts, connections close here."""
+        for action in actions:
+            if isinstance(action, Reject) and action.waiter.alive:
+                action.waiter.alive = False
+                reschedule(action.waiter.task, outcome.Error(self._closed_error()))
+            elif isinstance(action, Close):
+                self._closed_now(action.slot)
+
+    def _closed_now(self, slot: int) -> None:
+        actor = self.actors.pop(slot, None)
+        if actor is not None and actor.conn is not None:
+            self._actor_of.pop(actor.conn, None)
+            if actor.holder is None:
+                actor.conn._close_now()
+        if slot in self.policy.slots:
+            self.policy.closed_slot(slot)
