@@ -91,6 +91,11 @@ async def wait_queued(pool: ConnectionPool, count: int) -> None:
     assert pool.status().waiting == count
 
 
+def pending(pool: ConnectionPool) -> int:
+    """Clients waiting for a connection: queued, or (null pool) with one opened for them."""
+    return len(pool._policy.waiters())
+
+
 async def eventually(check: Callable[[], bool], within: float = 5.0) -> float:
     """Wait until `check()` holds (polled; the pool's actors do real I/O); return when.
 
@@ -150,7 +155,7 @@ async def queued_client(
     block waits for the client to finish.
     """
     seen = Seen()
-    waiting = pool.status().waiting
+    waiting = pending(pool)
 
     async def client() -> None:  # noqa: ASYNC910  # pool.connection() always checkpoints
         try:
@@ -166,7 +171,8 @@ async def queued_client(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client)
-        await wait_queued(pool, waiting + 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pending(pool) == waiting + 1
         yield seen
         with trio.fail_after(5):
             await seen.done.wait()

@@ -388,20 +388,22 @@ async def test_getconn_timeout_zero(
     pool_cls: PoolClass, postgres_server: Server, name: str
 ) -> None:
     """``getconn(timeout=0)`` serves an idle connection if there is one and never
-    waits: with none idle (always so for a null pool) it is `PoolTimeout` at once."""
+    waits: with none idle it is `PoolTimeout` at once.  A null pool keeps no idle
+    connection, so it refuses ``timeout=0`` with a clear ValueError."""
     async with contract_pool(
         pool_cls, postgres_server, name, min_size=min_for(pool_cls, 1), max_size=1
     ) as pool:
         await pool.wait(5)
-        held = None
-        if not is_null(pool_cls):
-            held = await pool.getconn(timeout=0)  # triopool: served (psycopg_pool times out)
+        if is_null(pool_cls):
+            with pytest.raises(ValueError, match="timeout must be > 0 for a NullConnectionPool"):
+                await pool.getconn(timeout=0)
+            return
+        held = await pool.getconn(timeout=0)  # triopool: served (psycopg_pool times out)
         started = trio.current_time()
         with pytest.raises(PoolTimeout, match=r"after 0\.00 sec"):
             await pool.getconn(timeout=0)
         assert trio.current_time() - started < 0.1
-        if held is not None:
-            await pool.putconn(held)
+        await pool.putconn(held)
 
 
 async def test_timed_out_waiter_loses_nothing(
@@ -447,6 +449,7 @@ async def test_outer_cancel_scope_bounds_the_wait(
         with pytest.raises(trio.TooSlowError), trio.fail_after(0.1):
             async with pool.connection():
                 pytest.fail("served while the only connection is lent")
+        await trio.testing.wait_all_tasks_blocked()  # the scheduler's turn
         assert pool.status().waiting == 0
         async with queued_client(pool) as seen:
             await pool.putconn(conn)

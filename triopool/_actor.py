@@ -49,6 +49,7 @@ ConninfoParam: TypeAlias = str | Callable[[], str | Awaitable[str]]
 KwargsParam: TypeAlias = (
     Mapping[str, Any] | Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]] | None
 )
+#: How an actor tells the scheduler something (never waits, never fails).
 Report: TypeAlias = Callable[[object], None]
 
 _IDLE = pq.TransactionStatus.IDLE
@@ -316,10 +317,7 @@ class ConnectionActor:
         finally:
             if self.conn is not None and self.holder is None:
                 self.conn._close_now()
-            try:
-                report(Ended(self))
-            except trio.ClosedResourceError:
-                pass  # the scheduler has stopped
+            report(Ended(self))
 
     async def _wait_until(self, at: float) -> bool:
         """Sleep until `at` unless told to close first; False if told to close."""

@@ -91,25 +91,33 @@ logger = logging.getLogger("triopool")
 
 
 class Request:
-    """A client's request for a connection (see the module docstring)."""
+    """A client's request for a connection, made at `at` (see the module docstring)."""
 
-    __slots__ = ("alive", "deadline", "task")
+    __slots__ = ("alive", "at", "deadline", "task")
 
-    def __init__(self, task: Task, deadline: float) -> None:
+    def __init__(self, task: Task, at: float, deadline: float) -> None:
         self.task = task
+        self.at = at
         self.deadline = deadline
         self.alive = True
 
 
 class Release:
-    """A lent connection comes back (`by_pool`: the pool had it, not a user)."""
+    """A lent connection comes back at `at` (`by_pool`: the pool had it, not a user).
 
-    __slots__ = ("actor", "by_pool", "outcome")
+    The time is the client's: the policy's books (usage, idle since) do not
+    depend on when the scheduler's turn comes.
+    """
 
-    def __init__(self, actor: ConnectionActor, outcome: Outcome, by_pool: bool) -> None:
+    __slots__ = ("actor", "at", "by_pool", "outcome")
+
+    def __init__(
+        self, actor: ConnectionActor, outcome: Outcome, by_pool: bool, at: float
+    ) -> None:
         self.actor = actor
         self.outcome = outcome
         self.by_pool = by_pool
+        self.at = at
 
 
 @dataclass(eq=False)
@@ -189,6 +197,8 @@ class Scheduler:
         self._checks: dict[int, CheckIdle] = {}  # slot -> the CheckIdle it is part of
         self._ready_waiters: list[trio.Event] = []
         self._close_deadline = math.inf
+        #: The trio run's clock (set by the pool when it opens, before any request).
+        self.clock: trio.abc.Clock
         self.stopped = False
 
     # -- client side (never waits but where it says) ----------------------------
@@ -205,7 +215,7 @@ class Scheduler:
             TooManyRequests: ``max_waiting`` clients are already waiting.
             PoolClosed: the pool is closed, or was closed while waiting.
         """
-        request = Request(current_task(), deadline)
+        request = Request(current_task(), self.clock.current_time(), deadline)
         self.tell(request)
         inbox = self._inbox
 
@@ -227,10 +237,10 @@ class Scheduler:
         """
         actor.holder = None
         actor.lease = None
+        now = self.clock.current_time()
         try:
-            self._inbox.send_nowait(Release(actor, outcome, by_pool))
-        except trio.ClosedResourceError:
-            now = trio.current_time()
+            self._inbox.send_nowait(Release(actor, outcome, by_pool, now))
+        except trio.ClosedResourceError:  # stopped: closed here
             self.settle(self.policy.release(actor.slot, now, outcome, by_pool=by_pool), now)
 
     def actor_of(self, conn: AnyConnection) -> ConnectionActor | None:
@@ -269,7 +279,7 @@ class Scheduler:
         self._nursery = nursery
         policy = self.policy
         messages = self._messages
-        clock = trio.lowlevel.current_clock()
+        clock = self.clock
         try:
             self._execute(policy.open(), clock.current_time())
             deadline = policy.next_deadline()
@@ -314,14 +324,15 @@ class Scheduler:
         if kind is Request:
             assert isinstance(message, Request)
             if message.alive:
-                self._serve(message, now)
+                self._serve(message)
             else:
                 policy.cancel(message, now)
         elif kind is Release:
             assert isinstance(message, Release)
+            at = message.at
             self._execute(
-                policy.release(message.actor.slot, now, message.outcome, by_pool=message.by_pool),
-                now,
+                policy.release(message.actor.slot, at, message.outcome, by_pool=message.by_pool),
+                at,
             )
         elif kind is Connected:
             assert isinstance(message, Connected)
@@ -374,9 +385,10 @@ class Scheduler:
         else:  # pragma: no cover  # a bug in the shell
             raise AssertionError(f"unknown message {message!r}")
 
-    def _serve(self, request: Request, now: float) -> None:
+    def _serve(self, request: Request) -> None:
         """A live request: lend an idle connection (if alive), else queue it."""
         policy = self.policy
+        now = request.at
         while (slot := policy.next_idle()) is not None:
             conn = self.actors[slot].conn
             if conn is not None and alive(conn):
@@ -488,23 +500,33 @@ class Scheduler:
             self._connector,
             self._reset,
             self._timeout,
-            self._inbox.send_nowait,
+            self._report,
             after,
             name=actor.name,
         )
 
-    def _stop(self) -> None:
-        """The scheduler ends: fail every request, close what is not lent.
+    def _report(self, message: object) -> None:
+        """What connection actors tell the scheduler; ignored once it has stopped."""
+        try:
+            self._inbox.send_nowait(message)
+        except trio.ClosedResourceError:
+            pass
 
-        Synchronous (it runs when the scheduler is cancelled too).  From now
-        on `tell` raises `PoolClosed`, and a connection given back is closed
-        by `release` itself, which keeps the policy's books.
+    def _stop(self) -> None:
+        """The scheduler ends: fail every request, forget what is not lent.
+
+        Synchronous (it runs when the scheduler is cancelled too).  The pool's
+        nursery is cancelled next: the connection actors, cancelled, close
+        their connections (a command in progress is cancelled as any
+        interrupted query is).  From now on `tell` raises `PoolClosed`, and a
+        connection given back is closed by `release` itself, which keeps the
+        policy's books.
         """
         self.stopped = True
         self._inbox.close()
         policy = self.policy
-        now = trio.current_time()
-        self.settle(policy.close(), now)
+        now = self.clock.current_time()
+        self.settle(policy.close(), now, close=False)
         while True:
             try:
                 message = self._messages.receive_nowait()
@@ -515,38 +537,35 @@ class Scheduler:
                     message.alive = False
                     reschedule(message.task, outcome.Error(self._closed_error()))
             elif isinstance(message, Release):
-                self.settle(policy.release(message.actor.slot, now, message.outcome), now)
+                actions = policy.release(message.actor.slot, message.at, message.outcome)
+                self.settle(actions, now, close=False)
             elif isinstance(message, (Resize, Drain, CheckIdle, WaitReady)):
                 message.done.set()
         self._messages.close()
+        # Checks and resets in progress are abandoned (cut by the cancellation).
         for slot, check in list(self._checks.items()):
             del self._checks[slot]
-            self.settle(policy.release(slot, now, BROKEN, by_pool=True), now)
+            self.settle(policy.release(slot, now, CLEAN, by_pool=True), now, close=False)
             check.done.set()
-        # What connection actors were doing is over: they are cancelled with the pool.
-        for slot in list(policy.slots.values()):
-            if slot.state is not SlotState.LENT:
-                if slot.state is SlotState.RESETTING:
-                    self.settle(policy.reset_done(slot.id, now, ok=False), now)
-                else:
-                    self._closed_now(slot.id)
+        for slot in [s.id for s in policy.slots.values() if s.state is SlotState.RESETTING]:
+            self.settle(policy.reset_done(slot, now, ok=True), now, close=False)
         for event in self._ready_waiters:
             event.set()
 
-    def settle(self, actions: list[Action[Request]], now: float) -> None:
-        """Carry out `actions` once stopped: nothing starts, connections close here."""
+    def settle(self, actions: list[Action[Request]], now: float, *, close: bool = True) -> None:
+        """Carry out `actions` once stopped: nothing starts, nothing waits.
+
+        `close`: close the connections the actions close (else their actors,
+        being cancelled, do).
+        """
         for action in actions:
             if isinstance(action, Reject) and action.waiter.alive:
                 action.waiter.alive = False
                 reschedule(action.waiter.task, outcome.Error(self._closed_error()))
             elif isinstance(action, Close):
-                self._closed_now(action.slot)
-
-    def _closed_now(self, slot: int) -> None:
-        actor = self.actors.pop(slot, None)
-        if actor is not None and actor.conn is not None:
-            self._actor_of.pop(actor.conn, None)
-            if actor.holder is None:
-                actor.conn._close_now()
-        if slot in self.policy.slots:
-            self.policy.closed_slot(slot)
+                actor = self.actors.pop(action.slot, None)
+                if actor is not None and actor.conn is not None:
+                    self._actor_of.pop(actor.conn, None)
+                    if close:
+                        actor.conn._close_now()
+                self.policy.closed_slot(action.slot)

@@ -220,9 +220,12 @@ async def open_listener(
 
 
 async def _serve_until_closed(pool: ConnectionPool, notifications: Notifications) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on, pool._closing, nursery.cancel_scope)
-        await notifications._serve(pool)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on, pool._closing, nursery.cancel_scope)
+            await notifications._serve(pool)
+    except BaseExceptionGroup as group:
+        raise_from_group(group)
     notifications._end()
 
 

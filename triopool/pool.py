@@ -282,8 +282,8 @@ class ConnectionPool:
 
     @property
     def closed(self) -> bool:
-        """True once the pool is closed (it cannot be reopened)."""
-        return self._policy.closed
+        """True once the pool is closed, or closing (it cannot be reopened)."""
+        return self._closing.is_set() or self._policy.closed
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open" if self._opened else "new"
@@ -310,6 +310,7 @@ class ConnectionPool:
         if self._opened or self.closed:
             raise PoolClosed(f"{self.name}: a pool can be opened only once")
         self._opened = True
+        self._scheduler.clock = trio.lowlevel.current_clock()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -632,15 +633,15 @@ class ConnectionPool:
         connections at once and lent ones as they come back.  Before the pool
         is opened, the new sizes are what it opens with.
 
-        Checkpoints: always.  If cancelled: the new sizes may still apply.
+        Checkpoints: always.  If cancelled: the sizes did not change.
         """
         min_size, max_size = self._check_sizes(min_size, max_size)
-        self._max_size = max_size
         if self._serving():
-            await self._scheduler.call(Resize(min_size, self._policy_max(max_size)))
+            await self._apply(Resize(min_size, self._policy_max(max_size)))
         else:  # nothing to open or close: only the numbers change
-            self._policy.resize(min_size, self._policy_max(max_size))
             await checkpoint()
+            self._policy.resize(min_size, self._policy_max(max_size))
+        self._max_size = max_size
 
     async def check(self) -> None:
         """Check every idle connection; discard and replace those that fail.
@@ -651,7 +652,10 @@ class ConnectionPool:
         Checkpoints: always.  If cancelled: the checks go on; each connection
         goes back to the pool, or is replaced if it failed.
         """
-        await self._administer(CheckIdle())
+        if self._serving():
+            await self._scheduler.call(CheckIdle())
+        else:
+            await checkpoint()
 
     async def drain(self) -> None:
         """Replace every connection: idle ones now, lent ones when they come back.
@@ -659,19 +663,27 @@ class ConnectionPool:
         For example after a failover or a credentials rotation.  Does nothing
         before the pool is opened.
 
-        Checkpoints: always.
+        Checkpoints: always.  If cancelled: nothing was replaced.
         """
-        await self._administer(Drain())
+        if self._serving():
+            await self._apply(Drain())
+        else:
+            await checkpoint()
 
     def _serving(self) -> bool:
         """Opened, and its scheduler not stopped (it handles messages sent now)."""
         return self._opened and not self._scheduler.stopped
 
-    async def _administer(self, message: CheckIdle | Drain) -> None:
-        if self._serving():
-            await self._scheduler.call(message)
-        else:
-            await checkpoint()
+    async def _apply(self, message: Resize | Drain) -> None:
+        """Have the scheduler handle `message`, all or nothing.
+
+        Checkpoints: always.  If cancelled: nothing happened.
+        """
+        await checkpoint_if_cancelled()
+        self._scheduler.tell(message)
+        # The scheduler's next turn handles it (it never waits while handling).
+        with trio.CancelScope(shield=True):
+            await message.done.wait()
 
     def listener(
         self, *channels: str, buffer_size: int = 1000
