@@ -78,9 +78,7 @@ async def settled_backends(server: Server, name: str, expected: int, within: flo
 def pool_connections(pool: ConnectionPool) -> dict[int, Connection[Any]]:
     """The connections the pool holds (idle, lent or busy), by slot."""
     return {
-        slot: actor.conn
-        for slot, actor in pool._scheduler.actors.items()
-        if actor.conn is not None
+        slot: actor.conn for slot, actor in pool._scheduler.actors.items() if actor.conn is not None
     }
 
 

@@ -305,7 +305,11 @@ def test_reconnect_backoff_doubles_with_jitter_until_reconnect_timeout(
     assert now == 10.0
     # Given up: the callback, and a new attempt since the pool is below min_size,
     # after a first backoff delay (1 s, with the same jitter).
-    assert actions == [ReconnectFailed(), Open(1, after=pytest.approx(delays[0]))]
+    assert actions[0] == ReconnectFailed()
+    reopen = actions[1]
+    assert isinstance(reopen, Open)
+    assert actions[1:] == [Open(1, after=reopen.after)]
+    assert reopen.after == pytest.approx(delays[0])
     assert policy.state_of(0) is None
     assert policy.counters.connections_errors == len(delays) + 1
     assert policy.counters.connections_num == len(delays) + 1  # failed attempts count
@@ -668,9 +672,7 @@ def test_attempts_outside_slots_are_counted() -> None:
     policy = make(0, None, keep_idle=False)
     policy.attempted(0.25)
     policy.attempted(0.5, error="refused")
-    assert policy.counters == Counters(
-        connections_num=2, connections_ms=250, connections_errors=1
-    )
+    assert policy.counters == Counters(connections_num=2, connections_ms=250, connections_errors=1)
     assert policy.last_error == "refused"
 
 

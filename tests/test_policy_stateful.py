@@ -426,7 +426,9 @@ class PolicyMachine(RuleBasedStateMachine):
         room = self.max_size is None or self.size < self.max_size
         queued = self.config.keep_idle or not room  # else a connection opens for it
         n_queued = sum(q for _, _, q in self.queue.values())
-        queue_full = queued and bool(self.config.max_waiting) and n_queued >= self.config.max_waiting
+        queue_full = (
+            queued and bool(self.config.max_waiting) and n_queued >= self.config.max_waiting
+        )
         try:
             result = self.policy.request(waiter, self.now, deadline)
         except PolicyClosed:

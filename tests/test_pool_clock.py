@@ -56,6 +56,7 @@ async def test_request_times_out_at_its_deadline(autojump_clock: trio.testing.Mo
             with trio.move_on_after(1.25):  # the caller's own scope bounds the wait too
                 await pool.getconn()
             assert trio.current_time() == start + 2.5 + 7.0 + 1.25
+            await trio.testing.wait_all_tasks_blocked()  # the scheduler's turn
             assert pool.status().waiting == 0
 
 

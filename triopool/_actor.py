@@ -173,8 +173,7 @@ class Connector:
                 if conn.pgconn.transaction_status != _IDLE:
                     status = pq.TransactionStatus(conn.pgconn.transaction_status)
                     raise psycopg.ProgrammingError(
-                        f"connection left in status {status.name} by configure function:"
-                        " discarded"
+                        f"connection left in status {status.name} by configure function: discarded"
                     )
             except BaseException:
                 conn._close_now()
@@ -302,10 +301,12 @@ class ConnectionActor:
         """Connect, then serve commands until CLOSE; report `Ended` at the end."""
         try:
             with self._commands:
-                if after > 0 and not await self._wait_until(trio.current_time() + after):
-                    return
+                if after > 0:
+                    told_to_close = not await self._wait_until(trio.current_time() + after)
+                    if told_to_close:
+                        return
                 if not await self._establish(connector, report):
-                    return
+                    return  # noqa: ASYNC910  # after a connection attempt
                 assert self.conn is not None
                 async for command in self._commands:
                     if command is CLOSE:
@@ -331,7 +332,7 @@ class ConnectionActor:
         """Connect (retrying as the scheduler says); False if told to close first."""
         while not self._close_requested:
             started = trio.current_time()
-            with trio.CancelScope() as self._connect_scope:
+            with trio.CancelScope() as self._connect_scope:  # noqa: ASYNC912  # the attempt is the cancel point
                 try:
                     conn = await connector.connect()
                 except Exception as ex:
@@ -342,13 +343,13 @@ class ConnectionActor:
                     report(Connected(self, trio.current_time() - started))
                     return True
             if self._connect_scope.cancelled_caught:
-                return False
+                return False  # noqa: ASYNC910  # after a connection attempt
             command = await self._commands.receive()
             if not isinstance(command, Retry) or not await self._wait_until(command.at):
                 return False
         return False  # noqa: ASYNC910  # told to close before an attempt
 
-    async def _reset(  # noqa: ASYNC910  # a background task's step
+    async def _reset(
         self,
         conn: AnyConnection,
         reset: ConnectionCallback | None,
@@ -367,15 +368,15 @@ class ConnectionActor:
                     logger.warning("%s: connection left not idle by reset: discarded", self.name)
             except Exception as ex:
                 logger.warning("%s: error resetting connection: %s", self.name, ex)
-        return ok
+        return ok  # noqa: ASYNC910  # a background task's step
 
     async def _check(self, conn: AnyConnection, timeout: float) -> Outcome:  # noqa: ASYNC109
         """`check_connection` for ``pool.check()``: how the connection comes back."""
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(timeout):  # noqa: ASYNC912  # the check is the cancel point
             try:
                 await check_connection(conn)
             except Exception as ex:
                 logger.warning("%s: discarding broken connection: %s", self.name, ex)
-                return BROKEN
+                return BROKEN  # noqa: ASYNC910  # after the check's round trip
             return outcome_of(conn, reset=False)
         return BROKEN

@@ -57,8 +57,8 @@ from ._actor import (
     RESET,
     AnyConnection,
     Checked,
-    ConnectFailed,
     Connected,
+    ConnectFailed,
     ConnectionActor,
     ConnectionCallback,
     Connector,
@@ -68,7 +68,6 @@ from ._actor import (
     alive,
 )
 from ._policy import (
-    BROKEN,
     CLEAN,
     Action,
     Close,
@@ -111,9 +110,7 @@ class Release:
 
     __slots__ = ("actor", "at", "by_pool", "outcome")
 
-    def __init__(
-        self, actor: ConnectionActor, outcome: Outcome, by_pool: bool, at: float
-    ) -> None:
+    def __init__(self, actor: ConnectionActor, outcome: Outcome, by_pool: bool, at: float) -> None:
         self.actor = actor
         self.outcome = outcome
         self.by_pool = by_pool
@@ -268,7 +265,7 @@ class Scheduler:
 
     # -- the actor -----------------------------------------------------------------
 
-    async def run(self, nursery: trio.Nursery) -> None:
+    async def run(self, nursery: trio.Nursery) -> None:  # noqa: ASYNC910  # its loop awaits messages
         """Serve until the pool is closed, then cancel `nursery` (the pool's).
 
         The pool's connection actors run in `nursery`.  If cancelled, the

@@ -219,7 +219,9 @@ async def open_listener(
         raise_from_group(group)
 
 
-async def _serve_until_closed(pool: ConnectionPool, notifications: Notifications) -> None:
+async def _serve_until_closed(  # noqa: ASYNC910  # the nursery waits; raise_from_group raises
+    pool: ConnectionPool, notifications: Notifications
+) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on, pool._closing, nursery.cancel_scope)

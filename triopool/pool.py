@@ -291,7 +291,7 @@ class ConnectionPool:
 
     # -- lifetime -------------------------------------------------------------
 
-    async def run(
+    async def run(  # noqa: ASYNC910  # the nursery's exit waits for the pool's tasks
         self, *, task_status: trio.TaskStatus[ConnectionPool] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Open the pool and serve until it is closed.
@@ -324,7 +324,7 @@ class ConnectionPool:
             self._nursery = None
             self._stopped.set()
 
-    async def __aenter__(self) -> ConnectionPool:
+    async def __aenter__(self) -> ConnectionPool:  # noqa: ASYNC910  # nursery.start waits
         """Open the pool (see `run`); filling starts in the background.
 
         Raises:
@@ -339,9 +339,9 @@ class ConnectionPool:
                 self._exit_stack = stack.pop_all()
         except BaseExceptionGroup as group:
             raise_from_group(group)
-        return self
+        return self  # noqa: ASYNC910  # nursery.start waited
 
-    async def __aexit__(
+    async def __aexit__(  # noqa: ASYNC910  # close() checkpoints; raise_from_group raises
         self,
         exc_type: type[BaseException] | None,
         exc_val: BaseException | None,
@@ -583,8 +583,6 @@ class ConnectionPool:
 
     def _lent_actor(self, conn: AnyConnection) -> ConnectionActor | None:
         """The actor of `conn` if this pool lends it now to a client."""
-        if getattr(conn, "_pool", None) is not self:
-            return None
         actor = self._scheduler.actor_of(conn)
         if actor is None or actor.lease is None:
             return None
@@ -742,7 +740,9 @@ class ConnectionPool:
     # -- background tasks -------------------------------------------------------
 
     def _on_reconnect_failed(self) -> None:
-        self._log(logging.WARNING, "reconnection attempts failed for %s sec", self.reconnect_timeout)
+        self._log(
+            logging.WARNING, "reconnection attempts failed for %s sec", self.reconnect_timeout
+        )
         if self._reconnect_failed is not None and self._nursery is not None:
             self._nursery.start_soon(self._call_reconnect_failed)
 
@@ -817,9 +817,10 @@ class _PooledConnection:
     ) -> None:
         conn, self._conn = self._conn, None
         actor = self._actor
-        assert conn is not None and actor is not None
+        assert conn is not None
+        assert actor is not None
         if actor.lease is not self._lease:
-            return  # the block gave it back (``close_returns``): not ours to touch
+            return  # noqa: ASYNC910  # the block gave it back (``close_returns``): not ours
         pool = self._pool
         if isinstance(exc_val, psycopg.Error) and exc_val.sqlstate == _FAILOVER_SQLSTATE:
             pool._failover_suspected(actor)
@@ -880,7 +881,7 @@ class NullConnectionPool(ConnectionPool):
         """Does nothing: a null pool has no idle connection.  Checkpoints."""
         await checkpoint()
 
-    async def wait(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109  # psycopg_pool API
+    async def wait(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109, ASYNC910  # psycopg_pool API; the attempt checkpoints
         """Open one test connection and close it (counted in the stats).
 
         Checkpoints: always.  If cancelled: the test connection is closed.
@@ -894,7 +895,7 @@ class NullConnectionPool(ConnectionPool):
         self._check_open()
         error: Exception | None = None
         started = trio.current_time()
-        with trio.move_on_after(wait_for) as scope:
+        with trio.move_on_after(wait_for) as scope:  # noqa: ASYNC912  # the attempt is the cancel point
             try:
                 conn = await self._connector.connect()
             except Exception as ex:
