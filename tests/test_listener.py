@@ -9,7 +9,6 @@ it says whether the listener's connection is there or gone.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -730,10 +729,9 @@ async def test_reconnect_backs_off_after_giving_up(
     starts = [attempt.started for attempt in attempts]
     assert all(attempt.error is not None for attempt in attempts)
     assert len(starts) >= 3, starts
-    # At most one attempt within the capped delay, then ~1 s: per round at most 2.
-    rounds = 10.0 / 0.9 + 1
-    assert len(starts) <= 2 * rounds, f"{len(starts)} attempts in 10 s"
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
-    long_gaps = [gap for gap in gaps if gap > reconnect_timeout + 0.05]
-    assert len(long_gaps) >= len(gaps) // 2, gaps
-    assert all(gap >= 0.9 for gap in long_gaps), gaps
+    # A round is one attempt (two with a tiny reconnect_timeout: a retry after the
+    # capped delay), then at least 0.9 s.  (The real time an attempt takes only
+    # spreads them further apart.)
+    per_round = 1 if reconnect_timeout == 0 else 2
+    spans = [b - a for a, b in zip(starts, starts[per_round:], strict=False)]
+    assert min(spans) >= 0.9, f"{len(starts)} attempts in 10 s: {starts}"
