@@ -86,13 +86,13 @@ async def _to_the_end(future: asyncio.Future[T]) -> T:
     while not future.done():
         try:
             await asyncio.shield(future)
-        except asyncio.CancelledError as ex:
+        except asyncio.CancelledError as ex:  # noqa: ASYNC103  # raised once the future is done
             cancelled = ex
     if cancelled is not None:
         if not future.cancelled():
             future.exception()  # retrieved: the cancellation wins
         raise cancelled
-    return future.result()
+    return future.result()  # noqa: ASYNC910  # asyncio code: a future done already needs no wait
 
 
 class AsyncioPool:
