@@ -10,13 +10,15 @@ it says whether the listener's connection is there or gone.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import psycopg
 import pytest
 import trio
 import trio.testing
-from _fault_helpers import until
+from _fault_helpers import recording_connection_class, until
 from _pool_checks import Server, app_name, assert_settled, backends, settled_backends
+from psycopg import sql
 
 import triopool
 from triopool import ConnectionPool, ListenerGap, PoolTimeout
@@ -434,3 +436,302 @@ async def test_bad_arguments(postgres_server: Server, name: str) -> None:
                 pass
         assert await backends(postgres_server, name) == 0
         await assert_settled(pool, postgres_server, name)
+
+
+# -- concurrency: consumers, channel changes, reconnections, closing (issue 15) ------------
+
+
+class Steer:
+    """Pauses the listener's connection at chosen points (a real server throughout).
+
+    ``pause(point)`` arms a gate: the next connection attempt (point ``"connect"``)
+    or the next statement whose text is `point` (e.g. ``'LISTEN "ch"'``, paused
+    right after the server ran it) stops there; the gate's ``reached`` event is
+    set, and it goes on once ``release`` is set.
+    """
+
+    def __init__(self) -> None:
+        self.gates: dict[str, tuple[trio.Event, trio.Event]] = {}
+        self.connects = 0
+        steer = self
+
+        class SteeredConnection(triopool.Connection[Any]):
+            @classmethod
+            async def connect(cls, conninfo: str = "", **kwargs: Any) -> SteeredConnection:
+                steer.connects += 1
+                await steer._gate("connect")
+                conn = await super().connect(conninfo, **kwargs)
+                assert isinstance(conn, SteeredConnection)
+                return conn
+
+            async def execute(
+                self,
+                query: Any,
+                params: Any = None,
+                *,
+                prepare: bool | None = None,
+                binary: bool = False,
+            ) -> psycopg.AsyncCursor[Any]:
+                cur = await super().execute(query, params, prepare=prepare, binary=binary)
+                if isinstance(query, sql.Composable):
+                    await steer._gate(query.as_string(self))
+                return cur
+
+        self.connection_class = SteeredConnection
+
+    def pause(self, point: str) -> tuple[trio.Event, trio.Event]:
+        """Arm a gate at `point`; returns its (reached, release) events."""
+        gate = self.gates[point] = (trio.Event(), trio.Event())
+        return gate
+
+    async def _gate(self, point: str) -> None:
+        gate = self.gates.pop(point, None)
+        if gate is None:
+            await trio.lowlevel.checkpoint()
+            return
+        reached, release = gate
+        reached.set()
+        await release.wait()
+
+
+def listener_tasks() -> list[str]:
+    """Names of the running tasks that belong to a listener."""
+    names: list[str] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        if task.name.startswith("triopool.listener."):
+            names.append(task.name)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    walk(root)
+    return names
+
+
+async def test_concurrent_consumers_share_the_items(postgres_server: Server, name: str) -> None:
+    """Several tasks iterating one `Notifications`: each item goes to exactly one of
+    them, none crashes (two consumers woken for one item used to both try to take
+    it: ``IndexError: pop from an empty deque``), and all of them end with the
+    block."""
+    got: dict[int, list[Item]] = {0: [], 1: [], 2: []}
+    async with open_listening_pool(postgres_server, name) as pool:
+        async with pool.listener("tp_multi") as notifications:
+            async with trio.open_nursery() as nursery:
+
+                async def consume(consumer: int) -> None:
+                    async for item in notifications:
+                        got[consumer].append(item)
+
+                for consumer in got:
+                    nursery.start_soon(consume, consumer)
+                sent: list[tuple[str, str]] = []
+
+                def all_received() -> bool:
+                    return sum(map(len, got.values())) == len(sent)
+
+                for batch in range(5):
+                    await trio.testing.wait_all_tasks_blocked()  # every consumer waiting
+                    chunk = [("tp_multi", f"{batch}-{i}") for i in range(1 + batch)]
+                    await send(postgres_server, *chunk)
+                    sent += chunk
+                    await until(all_received, WITHIN, "all received")
+                with trio.fail_after(WITHIN):
+                    await pool.close()  # ends every consumer's iteration
+        received = [pair for items in got.values() for pair in pairs(items)]
+        assert sorted(received) == sorted(sent)
+        assert listener_tasks() == []
+        await assert_settled(pool, postgres_server, name)
+
+
+async def test_concurrent_consumers_and_a_reconnection_gap(
+    postgres_server: Server, name: str
+) -> None:
+    """Two consumers and a reconnection: the gap goes to one of them, and after it
+    every notification to one of them."""
+    got: list[Item] = []
+    async with open_listening_pool(postgres_server, name) as pool:
+        async with pool.listener("tp_multi_gap") as notifications:
+            async with trio.open_nursery() as nursery:
+
+                async def consume() -> None:
+                    async for item in notifications:
+                        got.append(item)
+
+                nursery.start_soon(consume)
+                nursery.start_soon(consume)
+                await listener_backend(postgres_server, name)
+                await trio.to_thread.run_sync(postgres_server.terminate_backends, name)
+                await until(lambda: len(got) == 1, WITHIN, "the gap")
+                assert got == [ListenerGap("reconnected")]
+                await trio.testing.wait_all_tasks_blocked()
+                sent = [("tp_multi_gap", str(i)) for i in range(6)]
+                await send(postgres_server, *sent)
+                await until(lambda: len(got) == 7, WITHIN, "the notifications")
+                nursery.cancel_scope.cancel()
+        assert sorted(pairs(got[1:])) == sent  # order across consumers: theirs to keep
+        await assert_settled(pool, postgres_server, name)
+
+
+async def test_consumer_cancelled_as_an_item_arrives_loses_nothing(
+    postgres_server: Server, name: str
+) -> None:
+    """A consumer cancelled in ``__anext__`` in the same instant as an item arrives
+    (woken, not yet run): the item is either returned to it or left for the next
+    ``__anext__``, never lost."""
+
+    async def consume(
+        notifications: Notifications, scope: trio.CancelScope, got: list[Item]
+    ) -> None:
+        with scope:
+            got.append(await anext(notifications))
+
+    async with open_listening_pool(postgres_server, name) as pool:
+        async with pool.listener("tp_cancel_item") as notifications:
+            for arrival in range(3):
+                got: list[Item] = []
+                scope = trio.CancelScope()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(consume, notifications, scope, got)
+                    await trio.testing.wait_all_tasks_blocked()  # it waits
+                    item = psycopg.Notify("tp_cancel_item", str(arrival), 0)
+                    notifications._put(item)  # the relay's hand-over, then at once:
+                    scope.cancel()
+                if not got:
+                    got = await receive(notifications, 1)
+                assert got == [item]
+        await assert_settled(pool, postgres_server, name)
+
+
+async def test_unlisten_while_listening_again_after_a_reconnection(
+    postgres_server: Server, name: str
+) -> None:
+    """``unlisten()`` called while the listener LISTENs again on every channel after
+    a reconnection: the channels left are all listened to (the list used to change
+    under the loop walking it, which then skipped one)."""
+    steer = Steer()
+    pool = open_listening_pool(postgres_server, name, connection_class=steer.connection_class)
+    async with pool, pool.listener("tp_rl_a", "tp_rl_b", "tp_rl_c") as notifications:
+        await listener_backend(postgres_server, name)
+        reached, release = steer.pause('LISTEN "tp_rl_a"')
+        await trio.to_thread.run_sync(postgres_server.terminate_backends, name)
+        with trio.fail_after(WITHIN):
+            await reached.wait()  # the new connection listens on tp_rl_a again
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(notifications.unlisten, "tp_rl_a")
+                await trio.testing.wait_all_tasks_blocked()  # it waits for the listener
+                release.set()
+        assert notifications.channels == ["tp_rl_b", "tp_rl_c"]
+        assert await receive(notifications, 1) == [ListenerGap("reconnected")]
+        for channel in ["tp_rl_a", "tp_rl_b", "tp_rl_c"]:
+            await send(postgres_server, (channel, channel))
+        # Commit order is delivery order: tp_rl_b's comes first unless it was skipped.
+        assert pairs(await receive(notifications, 1)) == [("tp_rl_b", "tp_rl_b")]
+        assert pairs(await receive(notifications, 1)) == [("tp_rl_c", "tp_rl_c")]
+    await assert_settled(pool, postgres_server, name)
+
+
+async def test_channel_changes_while_reconnecting(postgres_server: Server, name: str) -> None:
+    """``listen()`` and ``unlisten()`` while the listener is connecting again: both
+    return once the new connection listens, and it listens on exactly the
+    channels left."""
+    steer = Steer()
+    pool = open_listening_pool(postgres_server, name, connection_class=steer.connection_class)
+    async with pool, pool.listener("tp_rc_a", "tp_rc_b") as notifications:
+        await listener_backend(postgres_server, name)
+        reached, release = steer.pause("connect")
+        await trio.to_thread.run_sync(postgres_server.terminate_backends, name)
+        with trio.fail_after(WITHIN):
+            await reached.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(notifications.listen, "tp_rc_c")
+                nursery.start_soon(notifications.unlisten, "tp_rc_a")
+                await trio.testing.wait_all_tasks_blocked()  # both wait for the listener
+                release.set()
+        await expect_reconnection(
+            notifications, postgres_server, ["tp_rc_b", "tp_rc_c"], ["tp_rc_a"]
+        )
+    await assert_settled(pool, postgres_server, name)
+
+
+async def test_listen_racing_the_pool_closing(postgres_server: Server, name: str) -> None:
+    """The pool closes while a ``listen()`` is being applied: that ``listen()``
+    raises `trio.ClosedResourceError`, iteration ends, no listener task is left;
+    and entering a listener on a closed pool raises `PoolClosed`."""
+    steer = Steer()
+    pool = open_listening_pool(postgres_server, name, connection_class=steer.connection_class)
+    async with pool:
+        async with pool.listener("tp_close_race") as notifications:
+            reached, _ = steer.pause('LISTEN "tp_close_race_2"')
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(expect_ended, notifications.listen, "tp_close_race_2")
+                with trio.fail_after(WITHIN):
+                    await reached.wait()  # the server listens; listen() not returned yet
+                    await pool.close()
+            with trio.fail_after(WITHIN):
+                assert [item async for item in notifications] == []
+        assert listener_tasks() == []
+        with pytest.raises(triopool.PoolClosed):
+            async with pool.listener("tp_close_race"):
+                raise AssertionError("not reached")
+    await assert_settled(pool, postgres_server, name)
+
+
+@pytest.mark.parametrize("bad", ["", 42, None, b"tp_bytes", "nul\x00inside"])
+async def test_bad_channel_names_at_run_time(
+    postgres_server: Server, name: str, bad: object
+) -> None:
+    """``listen()`` and ``unlisten()`` refuse what ``listener()`` refuses, at once,
+    with the same error: the listener goes on (``listen("")`` used to end the
+    whole block with the server's SyntaxError)."""
+    async with open_listening_pool(postgres_server, name) as pool:
+        with pytest.raises(TypeError, match="non-empty strings"):
+            async with pool.listener(bad):  # type: ignore[arg-type]
+                raise AssertionError("not reached")
+        async with pool.listener("tp_bad_rt") as notifications:
+            for change in (notifications.listen, notifications.unlisten):
+                with pytest.raises(TypeError, match="non-empty strings"):
+                    await change(bad)  # type: ignore[arg-type]
+            assert notifications.channels == ["tp_bad_rt"]
+            await send(postgres_server, ("tp_bad_rt", "still here"))
+            assert pairs(await receive(notifications, 1)) == [("tp_bad_rt", "still here")]
+        await assert_settled(pool, postgres_server, name)
+
+
+@pytest.mark.parametrize("reconnect_timeout", [0.0, 0.001])
+async def test_reconnect_backs_off_after_giving_up(
+    mock_clock: trio.testing.MockClock, reconnect_timeout: float
+) -> None:
+    """With the server refusing connections and a (near) zero ``reconnect_timeout``,
+    the listener still waits the first backoff delay (1 s ±10 %) after each
+    round of attempts it gives up on: no busy loop (it used to make ~2000
+    attempts a second)."""
+    mock_clock.rate = 20.0  # 10 s of trio time in 0.5 s
+    connection_class, attempts = recording_connection_class()
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))  # bound, never listening: refused at once
+        port = sock.getsockname()[1]
+        pool = ConnectionPool(
+            f"host=127.0.0.1 port={port} user=postgres",
+            min_size=0,
+            max_size=1,
+            timeout=10.0,
+            reconnect_timeout=reconnect_timeout,
+            connection_class=connection_class,
+        )
+        async with pool:
+            with pytest.raises(PoolTimeout):
+                async with pool.listener("tp_backoff"):
+                    raise AssertionError("not reached")
+        assert listener_tasks() == []
+    starts = [attempt.started for attempt in attempts]
+    assert all(attempt.error is not None for attempt in attempts)
+    assert len(starts) >= 3, starts
+    # A round is one attempt (two with a tiny reconnect_timeout: a retry after the
+    # capped delay), then at least 0.9 s.  (The real time an attempt takes only
+    # spreads them further apart.)
+    per_round = 1 if reconnect_timeout == 0 else 2
+    spans = [b - a for a, b in zip(starts, starts[per_round:], strict=False)]
+    assert min(spans) >= 0.9, f"{len(starts)} attempts in 10 s: {starts}"

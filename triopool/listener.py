@@ -12,6 +12,9 @@ with the pool's backoff and LISTENs again on every channel; notifications sent
 meanwhile are lost, so a `ListenerGap` is yielded to tell the consumer to
 re-sync.  If the consumer falls behind by more than ``buffer_size``
 notifications, the oldest are dropped and a `ListenerGap` says how many.
+
+Several tasks may iterate one `Notifications` at once: each item (a
+notification or a gap) goes to exactly one of them.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import trio
 from psycopg import sql
 
 from ._groups import raise_from_group
-from ._policy import Backoff
-from .errors import PoolTimeout
+from ._policy import BACKOFF_JITTER, INITIAL_BACKOFF, Backoff
+from .errors import PoolClosed, PoolTimeout
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -55,11 +58,26 @@ class ListenerGap:
     dropped: int = 0
 
 
+def check_channel(channel: object) -> str:
+    """`channel` if it can name a channel, else `TypeError`.
+
+    A non-empty string without NUL characters: the server refuses an empty
+    name (``SyntaxError``), and libpq would cut a name at its first NUL.
+    """
+    if not isinstance(channel, str) or not channel or "\x00" in channel:
+        raise TypeError(
+            f"channel names must be non-empty strings without NUL characters, got {channel!r}"
+        )
+    return channel
+
+
 class Notifications:
     """The async iterator of a `ConnectionPool.listener` block.
 
     Yields `psycopg.Notify` objects in the order the server sent them, and
-    `ListenerGap` markers.  Iteration ends when the pool is closed.
+    `ListenerGap` markers.  Iteration ends when the pool is closed or the
+    block is left.  Several tasks may iterate it at once: each item goes to
+    exactly one of them.
     """
 
     def __init__(self, channels: tuple[str, ...], buffer_size: int) -> None:
@@ -67,7 +85,7 @@ class Notifications:
         self._buffer: deque[psycopg.Notify | ListenerGap] = deque()
         self._buffer_size = buffer_size
         self._dropped = 0
-        self._arrived = trio.Event()
+        self._consumers = trio.lowlevel.ParkingLot()  # tasks waiting in __anext__
         self._ended = False
         self._changes: deque[tuple[str, str]] = deque()
         self._interrupt_scope: trio.CancelScope | None = None
@@ -83,21 +101,30 @@ class Notifications:
         """Start listening to `channel` too.
 
         Returns once the server is listening, so that a NOTIFY sent
-        afterwards is received.  Checkpoints.
+        afterwards is received (while the listener reconnects: once the new
+        connection listens).
+
+        Checkpoints: always.  If cancelled: the change is made all the same
+        (`channels` shows it at once; the server follows).
 
         Raises:
+            TypeError: `channel` is not a non-empty string (as for
+                `ConnectionPool.listener`); nothing changes.
             trio.ClosedResourceError: the listener has ended (its block was
                 left, or the pool closed).
         """
-        await self._change("LISTEN", channel)
+        await self._change("LISTEN", check_channel(channel))
 
     async def unlisten(self, channel: str) -> None:
-        """Stop listening to `channel`.  Checkpoints.
+        """Stop listening to `channel`.
+
+        Checkpoints and cancellation: as `listen`.
 
         Raises:
+            TypeError: `channel` is not a non-empty string; nothing changes.
             trio.ClosedResourceError: the listener has ended.
         """
-        await self._change("UNLISTEN", channel)
+        await self._change("UNLISTEN", check_channel(channel))
 
     async def _change(self, command: str, channel: str) -> None:
         if self._ended:
@@ -123,32 +150,50 @@ class Notifications:
         return self
 
     async def __anext__(self) -> psycopg.Notify | ListenerGap:
-        while not self._buffer:
-            if self._ended:
+        """The next item, waiting for one if need be.
+
+        Checkpoints: always.  If cancelled: no item is taken (an item is taken
+        and returned with no checkpoint in between, so none is lost).
+
+        Raises:
+            StopAsyncIteration: the listener has ended and every item it
+                received was taken.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            # Take an item and return it with nothing able to interrupt in
+            # between: another consumer cannot take it first, and a
+            # cancellation cannot lose it.
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                item: psycopg.Notify | ListenerGap = ListenerGap("overflow", dropped)
+            elif self._buffer:
+                item = self._buffer.popleft()
+            elif self._ended:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 raise StopAsyncIteration
-            await self._arrived.wait()
-            self._arrived = trio.Event()
-        await trio.lowlevel.checkpoint()
-        if self._dropped:
-            dropped, self._dropped = self._dropped, 0
-            return ListenerGap("overflow", dropped)
-        return self._buffer.popleft()
+            else:
+                await self._consumers.park()
+                continue
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
 
     def _put(self, item: psycopg.Notify | ListenerGap) -> None:
         if len(self._buffer) >= self._buffer_size:
             self._buffer.popleft()
             self._dropped += 1
         self._buffer.append(item)
-        self._arrived.set()
+        self._consumers.unpark()  # one item: one consumer (a woken one cannot be cancelled)
 
     def _end(self) -> None:
         self._ended = True
-        self._arrived.set()
+        self._consumers.unpark_all()
         self._listening.set()
 
     async def _serve(self, pool: ConnectionPool) -> None:
         """Keep a connection listening, forever; reconnect when it is lost."""
-        backoff = Backoff(pool.reconnect_timeout, pool._policy.random)
+        random = pool._policy.random
+        backoff = Backoff(pool.reconnect_timeout, random)
         connected_before = False
         while True:
             try:
@@ -157,15 +202,27 @@ class Notifications:
                 self._last_error = ex
                 delay = backoff.failed(trio.current_time())
                 logger.warning("%s: listener could not connect: %s", pool.name, ex)
-                await trio.sleep(delay if delay is not None else 0)
                 if delay is None:
-                    backoff = Backoff(pool.reconnect_timeout, pool._policy.random)
+                    # Given up on this round of attempts: the listener never
+                    # stops trying, but waits the first delay before the next
+                    # round (a zero reconnect_timeout must not busy-loop).
+                    logger.warning(
+                        "%s: listener reconnection attempts failed for %s sec",
+                        pool.name,
+                        pool.reconnect_timeout,
+                    )
+                    delay = INITIAL_BACKOFF * (1 + BACKOFF_JITTER * (2 * random() - 1))
+                    backoff = Backoff(pool.reconnect_timeout, random)
+                await trio.sleep(delay)
                 continue
-            backoff = Backoff(pool.reconnect_timeout, pool._policy.random)
+            backoff = Backoff(pool.reconnect_timeout, random)
             try:
                 async with conn:
+                    # Changes asked for from now on are queued for `_relay`,
+                    # while this walks a copy of the channels: a channel added
+                    # or removed meanwhile is LISTENed (or UNLISTENed) after.
                     self._changes.clear()
-                    for channel in self._channels:
+                    for channel in list(self._channels):
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     if connected_before:
                         self._put(ListenerGap("reconnected"))
@@ -196,10 +253,11 @@ async def open_listener(
     if not channels:
         raise ValueError("listener() needs at least one channel")
     for channel in channels:
-        if not isinstance(channel, str) or not channel:
-            raise TypeError(f"channel names must be non-empty strings, got {channel!r}")
+        check_channel(channel)
     if not isinstance(buffer_size, int) or buffer_size < 1:
         raise ValueError(f"buffer_size must be an int >= 1, got {buffer_size!r}")
+    if pool.closed:
+        raise PoolClosed(f"the pool {pool.name!r} is closed")
     notifications = Notifications(channels, buffer_size)
     try:
         async with trio.open_nursery() as nursery:

@@ -24,6 +24,12 @@ replaced).  The view does not use server-side prepared statements
 (``prepare_threshold=None``), whose names would clash with the pool
 connection's own.
 
+Cancellation: an asyncio task cancelled in `AsyncioPool.getconn` gets no
+connection and keeps none (one the trio side lent it meanwhile goes back to
+the pool); one cancelled in `AsyncioPool.putconn` (or leaving
+`AsyncioPool.connection`) has given the connection back before its
+`asyncio.CancelledError` is raised.
+
 Needs the ``aio`` extra (``pip install 'triopool[aio]'``).  Import
 `trio_asyncio` before psycopg is first imported, or call `AsyncioPool` only
 from inside ``trio_asyncio.open_loop()``: psycopg keeps a reference to
@@ -33,9 +39,9 @@ asyncio's loop accessor taken at import time, which this module refreshes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.waiting
@@ -44,6 +50,8 @@ from ..connection import Connection
 from ..pool import ConnectionPool
 
 __all__ = ["AsyncioPool"]
+
+T = TypeVar("T")
 
 
 def _trio_as_aio(fn: Any) -> Any:
@@ -59,6 +67,32 @@ def _trio_as_aio(fn: Any) -> Any:
     if hasattr(psycopg.waiting, "get_running_loop"):
         psycopg.waiting.get_running_loop = asyncio.get_running_loop
     return trio_asyncio.trio_as_aio(fn)
+
+
+def _in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> asyncio.Future[T]:
+    """Start ``await fn(*args)`` in a trio task; its future, for asyncio code."""
+    future: asyncio.Future[T] = _trio_as_aio(fn)(*args)
+    return future
+
+
+async def _to_the_end(future: asyncio.Future[T]) -> T:
+    """Await `future` until it is done, even if this task is cancelled meanwhile.
+
+    For a trio call that must happen once started (giving a connection
+    back): trio-asyncio would not even start the trio task if the future were
+    cancelled first.  A cancellation of this task is raised afterwards.
+    """
+    cancelled: asyncio.CancelledError | None = None
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError as ex:  # noqa: ASYNC103  # raised once the future is done
+            cancelled = ex
+    if cancelled is not None:
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation wins
+        raise cancelled
+    return future.result()  # noqa: ASYNC910  # asyncio code: a future done already needs no wait
 
 
 class AsyncioPool:
@@ -81,8 +115,26 @@ class AsyncioPool:
         """Borrow a connection: a stock `psycopg.AsyncConnection` for asyncio code.
 
         Give it back with `putconn` (or ``await conn.close()``).
+
+        If cancelled: no connection is taken (one the trio side had lent
+        already goes back to the pool first).
         """
-        conn = await _trio_as_aio(self.pool.getconn)(timeout)
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
+        lending = _in_trio(self.pool.getconn, timeout)
+        try:
+            conn = await lending
+        except asyncio.CancelledError:
+            # Cancelled once the trio side had lent it (its future done, this
+            # task not yet resumed): the connection would be held forever.
+            if lending.done() and not lending.cancelled() and lending.exception() is None:
+                await _to_the_end(_in_trio(self.pool.putconn, lending.result()))
+            raise
+        if task is not None and task.cancelling() > cancelling:
+            # Cancelled while the trio side was lending it, too late to stop
+            # that: trio-asyncio then drops the cancellation.  Honour it.
+            await _to_the_end(_in_trio(self.pool.putconn, conn))
+            raise asyncio.CancelledError
         pgconn = conn.pgconn
         handlers = (pgconn.notice_handler, pgconn.notify_handler)
         try:
@@ -93,13 +145,16 @@ class AsyncioPool:
             view._pool = None  # pooled: psycopg doesn't warn when it is deleted open
         except BaseException:
             pgconn.notice_handler, pgconn.notify_handler = handlers
-            await _trio_as_aio(self.pool.putconn)(conn)
+            await _to_the_end(_in_trio(self.pool.putconn, conn))
             raise
         self._lent[view] = (conn, *handlers)
         return view
 
     async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give back a connection obtained from `getconn`.
+
+        If cancelled: the connection is given back all the same, then
+        `asyncio.CancelledError` is raised.
 
         Raises:
             ValueError: `conn` was not lent by this object.
@@ -110,7 +165,7 @@ class AsyncioPool:
             raise ValueError("this connection was not lent by this AsyncioPool") from None
         pgconn = pooled.pgconn
         pgconn.notice_handler, pgconn.notify_handler = notice_handler, notify_handler
-        await _trio_as_aio(self.pool.putconn)(pooled)
+        await _to_the_end(_in_trio(self.pool.putconn, pooled))
 
     @asynccontextmanager
     async def connection(
