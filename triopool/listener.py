@@ -259,6 +259,7 @@ async def open_listener(
     if pool.closed:
         raise PoolClosed(f"the pool {pool.name!r} is closed")
     notifications = Notifications(channels, buffer_size)
+    body: BaseException | None = None  # what the block raised
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve_until_closed, pool, notifications)
@@ -270,11 +271,14 @@ async def open_listener(
                 ) from notifications._last_error
             try:
                 yield notifications
+            except BaseException as exc:
+                body = exc
+                raise
             finally:
                 notifications._end()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise_from_group(group)
+        raise_from_group(group, body=body)
 
 
 async def _serve_until_closed(  # noqa: ASYNC910  # the nursery waits; raise_from_group raises
