@@ -29,7 +29,8 @@ import inspect
 import logging
 import math
 import select
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -103,6 +104,29 @@ def alive(conn: AnyConnection) -> bool:
     return pgconn.status == _OK and pgconn.transaction_status == _IDLE
 
 
+@asynccontextmanager
+async def autocommit(conn: AnyConnection) -> AsyncIterator[AnyConnection]:
+    """`conn` in autocommit mode for a block, then as it was.
+
+    psycopg's autocommit is the client's choice of sending ``BEGIN``: switching
+    it on an idle connection sends nothing.  It is restored even if the block
+    is cancelled or fails (shielded, bounded; unless the connection is closed).
+    """
+    if conn.autocommit:
+        yield conn
+        return
+    await conn.set_autocommit(True)
+    try:
+        yield conn
+    finally:
+        # Even if cancelled: the connection must not go back autocommit.  (Not
+        # bounded by conn.cancel_timeout, which the pool zeroes while checking: on
+        # an idle connection this does no I/O.)
+        with trio.move_on_after(_RESTORE_TIMEOUT, shield=True):  # noqa: ASYNC912  # shielded cleanup
+            if not conn.closed and not conn.broken:
+                await conn.set_autocommit(False)
+
+
 async def check_connection(conn: AnyConnection) -> None:
     """A ready-made ``check`` callback: one cheap round trip to the server.
 
@@ -113,19 +137,8 @@ async def check_connection(conn: AnyConnection) -> None:
     connection is then closed at once), and the connection's autocommit
     setting is restored unless it was closed.
     """
-    if conn.autocommit:
+    async with autocommit(conn):
         await conn.execute("")
-        return
-    await conn.set_autocommit(True)
-    try:
-        await conn.execute("")
-    finally:
-        # Even if cancelled: the connection must not go back autocommit.  (Not
-        # bounded by conn.cancel_timeout, which the pool zeroes while checking: on
-        # an idle connection this does no I/O.)
-        with trio.move_on_after(_RESTORE_TIMEOUT, shield=True):  # noqa: ASYNC912  # shielded cleanup
-            if not conn.closed:
-                await conn.set_autocommit(False)
 
 
 class Connector:

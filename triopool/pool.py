@@ -23,20 +23,24 @@ import logging
 import math
 import random
 import traceback
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, LiteralString, NoReturn, TypeAlias
 
 import psycopg
 import trio
 from psycopg import pq
+from psycopg import sql
+from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import tuple_row
 from trio.lowlevel import Task, checkpoint, checkpoint_if_cancelled, current_task
 
 from ._actor import (
     AnyConnection,
+    autocommit,
     ConnectionActor,
     ConnectionCallback,
     Connector,
@@ -63,6 +67,9 @@ _DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 #: The SQLSTATE that shows a failover: a write refused by a server that became
 #: a standby (``read_only_sql_transaction``).
 _FAILOVER_SQLSTATE = "25006"
+
+#: A statement for the one-shot calls (what psycopg's ``execute`` takes).
+Query: TypeAlias = LiteralString | bytes | sql.SQL | sql.Composed
 
 _pool_numbers = iter(range(1, 1 << 62))
 
@@ -580,6 +587,114 @@ class ConnectionPool:
         if actor is None:
             raise ValueError(f"can't return connection to pool {self.name!r}: it is not lent by it")
         self._put_back(actor, conn)
+
+    def acquire(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AbstractAsyncContextManager[AnyConnection]:
+        """`connection`, under the name asyncpg and psqlpy users type."""
+        return self.connection(timeout)
+
+    # -- one-shot statements --------------------------------------------------
+
+    async def fetch(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[Any]:
+        """Run one statement on a pooled connection; return all its rows.
+
+        The statement is its own transaction, committed if it succeeds (whatever
+        the connections' ``autocommit``), and its rows are all read before this
+        returns (rows as the connections' row factory makes them).  `timeout`
+        bounds the wait for a connection, as `getconn`'s.
+
+        Checkpoints: always.  If cancelled: as any cancelled query (see
+        `Connection`): the statement is cancelled on the server if it runs, and
+        the connection goes back to the pool.  A statement whose caller was
+        cancelled may still have completed (committed) on the server, if it
+        finished before the cancel request arrived.
+
+        Raises:
+            psycopg.Error: the statement failed (this caller only).
+            PoolTimeout, TooManyRequests, PoolClosed: as `getconn`.
+        """
+        async with self._one_shot(timeout) as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+    async def fetchrow(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """As `fetch`, but return the first row, or None if there is none."""
+        async with self._one_shot(timeout) as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchone()
+
+    async def fetchval(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """As `fetch`, but return the first column of the first row (None if no row).
+
+        The value is the same whatever the connections' row factory.
+        """
+        async with self._one_shot(timeout) as conn:
+            cur = await conn.cursor(row_factory=tuple_row).execute(query, params)
+            row = await cur.fetchone()
+            return None if row is None else row[0]
+
+    async def execute(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> int:
+        """As `fetch`, but return the statement's ``rowcount`` (-1 where none applies)."""
+        async with self._one_shot(timeout) as conn:
+            cur = await conn.execute(query, params)
+            return cur.rowcount
+
+    async def executemany(
+        self,
+        query: Query,
+        params_seq: Iterable[Params],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> int:
+        """Run one statement once per parameter set, all in one transaction.
+
+        Returns the total ``rowcount``.  Committed if every execution succeeds,
+        rolled back otherwise.  Otherwise as `fetch`.
+        """
+        async with self._one_shot(timeout) as conn, conn.transaction():
+            cur = conn.cursor()
+            await cur.executemany(query, params_seq)
+            return cur.rowcount
+
+    @asynccontextmanager
+    async def _one_shot(
+        self,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> AsyncIterator[AnyConnection]:
+        """A pooled connection in autocommit mode for one statement.
+
+        In autocommit mode a statement is its own transaction on the server:
+        one round trip, committed on success, nothing left open on failure.
+        """
+        require_trio("ConnectionPool one-shot statements")
+        async with self.connection(timeout) as conn, autocommit(conn):
+            yield conn
 
     def _lent_actor(self, conn: AnyConnection) -> ConnectionActor | None:
         """The actor of `conn` if this pool lends it now to a client."""
