@@ -20,7 +20,7 @@ from _pool_checks import Server
 from psycopg import errors, sql
 from psycopg.rows import dict_row
 
-from triopool import ConnectionPool, PoolTimeout
+from triopool import Connection, ConnectionPool, PoolTimeout
 
 
 @pytest.fixture(params=[False, True], ids=["tx", "autocommit"])
@@ -53,7 +53,8 @@ async def test_results_of_each_call(
         kwargs={"autocommit": autocommit},
     ) as pool:
         t = await make_table(pool, name)
-        assert await pool.execute(sql.SQL("INSERT INTO {} VALUES (1, 'a'), (2, 'b')").format(t)) == 2
+        two_rows = sql.SQL("INSERT INTO {} VALUES (1, 'a'), (2, 'b')").format(t)
+        assert await pool.execute(two_rows) == 2
         rows = [(3, "c"), (4, "d"), (5, "e")]
         insert = sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(t)
         assert await pool.executemany(insert, rows) == 3
@@ -88,10 +89,9 @@ async def test_committed_on_success_whatever_autocommit(
         t = await make_table(pool, name)
         await pool.execute(sql.SQL("INSERT INTO {} VALUES (1, 'x')").format(t))
         await pool.executemany(sql.SQL("INSERT INTO {} VALUES (%s, 'y')").format(t), [[2], [3]])
-        seen = await trio.to_thread.run_sync(
-            postgres_server.execute, sql.SQL("SELECT count(*) FROM {}").format(t)
-        )
-        assert seen == [(3,)]
+        async with await Connection.connect(postgres_server.dsn) as other:
+            cur = await other.execute(sql.SQL("SELECT count(*) FROM {}").format(t))
+            assert await cur.fetchone() == (3,)
         async with pool.connection() as conn:
             assert conn.autocommit is autocommit
             assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

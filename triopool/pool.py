@@ -31,8 +31,7 @@ from typing import Any, LiteralString, NoReturn, TypeAlias
 
 import psycopg
 import trio
-from psycopg import pq
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
@@ -40,12 +39,12 @@ from trio.lowlevel import Task, checkpoint, checkpoint_if_cancelled, current_tas
 
 from ._actor import (
     AnyConnection,
-    autocommit,
     ConnectionActor,
     ConnectionCallback,
     Connector,
     ConninfoParam,
     KwargsParam,
+    autocommit,
     check_connection,
     maybe_await,
     outcome_of,
