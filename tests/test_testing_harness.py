@@ -244,9 +244,9 @@ def test_the_wheel_in_a_folder_only_root_may_enter(
     empty = private / "no-postgresql"
     empty.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), BINDIR_ENV: str(empty)}
+    command = [sys.executable, "-m", "triopool", "bench", "--json", "--queries", "100"]
     done = subprocess.run(
-        [sys.executable, "-m", "triopool", "bench", "--queries", "100", "--clients", "5"]
-        + ["--pool-min", "2", "--json"],
+        [*command, "--clients", "5", "--pool-min", "2"],
         env=env,
         capture_output=True,
         text=True,

@@ -94,7 +94,8 @@ def run(options: Options) -> int:
                 return _run_compare(settings, options)
             return _run_single(settings, options)
         except psycopg.Error as error:
-            raise BenchFailed(f"the run failed: {type(error).__name__}: {one_line(error)}") from None
+            failure = f"{type(error).__name__}: {one_line(error)}"
+            raise BenchFailed(f"the run failed: {failure}") from None
 
 
 def _run_single(settings: Settings, options: Options) -> int:
@@ -244,9 +245,7 @@ def _plot(results: dict[str, list[Result]], path: str, title: str) -> None:
     qps_ax.set_xticks(range(len(stacks)), [""] * len(stacks))
     qps_ax.set_ylim(bottom=0)
     qps_ax.yaxis.set_major_formatter("{x:,.0f}")
-    qps_ax.set(
-        title=f"throughput: median of {rounds} round(s), min..max", ylabel="requests/s"
-    )
+    qps_ax.set(title=f"throughput: median of {rounds} round(s), min..max", ylabel="requests/s")
 
     keys = ["p50", "p90", "p99"]
     width = 0.8 / len(stacks)

@@ -17,12 +17,12 @@ import pwd
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from stat import S_ISDIR, S_IXUSR
 from types import TracebackType
 from typing import IO, ClassVar, Literal, Self
 
@@ -137,7 +137,7 @@ def _cache_root() -> Path:
         root.mkdir(parents=True)
         os.chmod(root, 0o755)  # whatever the umask: others may enter and read, not write
     info = root.stat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+    if not S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
         raise ServerUnavailable(
             f"{root} must be a folder that root owns and only root may write to: fix it"
             f" or set {CACHE_ENV} to another folder"
@@ -179,7 +179,7 @@ def _cached_copy(bindir: Path, user: pwd.struct_passwd) -> Path:
                 copy = partial / relative
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 copy.write_bytes(data)
-                copy.chmod(0o755 if (site / relative).stat().st_mode & stat.S_IXUSR else 0o644)
+                copy.chmod(0o755 if (site / relative).stat().st_mode & S_IXUSR else 0o644)
             for folder in [partial, *(path for path in partial.rglob("*") if path.is_dir())]:
                 folder.chmod(0o755)
             try:
