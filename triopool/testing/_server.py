@@ -622,8 +622,11 @@ class PostgresServer(_LocalService, _AdminQueries):
 
     @property
     def bindir(self) -> Path:
-        """Where the server binaries run from: the `bindir` given or found, or, as root,
-        a copy the server's user can reach (see `runnable_bindir`)."""
+        """The folder the server binaries run from.
+
+        The ``bindir`` given or found (`find_server_binaries`) or, as root, a copy that
+        the server's user can reach (see `runnable_bindir`).
+        """
         if self._runnable is None:
             self._runnable = runnable_bindir(self._bindir or find_server_binaries(), self._user)
         return self._runnable
