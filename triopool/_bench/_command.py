@@ -43,6 +43,8 @@ STACKS_NOTE = (
     " default reset; with a no-op reset asyncpg only rolls back a connection left in a"
     " transaction, as the psycopg pools do."
 )
+#: Columns the --compare table needs for the stacks' names and every heading.
+COMPARE_WIDTH = 96
 #: Seconds to wait for the first connection to ``--dsn`` (unless it sets connect_timeout).
 PROBE_TIMEOUT = 5
 
@@ -210,7 +212,9 @@ def _run_compare(settings: Settings, options: Options) -> int:
                 f"{statistics.median(r.acquire_ms['p99'] for r in runs):.2f} ms",
                 f"{statistics.median(r.latency_ms['p99'] for r in runs):.2f} ms",
             )
-        Console().print(table)
+        console = Console()
+        console.width = max(console.width, COMPARE_WIDTH)  # a pipe gets 80 columns: too few
+        console.print(table)
     if options.plot:
         _plot(results, options.plot, title)
         print(f"plot written to {options.plot}", file=sys.stderr)
