@@ -211,6 +211,23 @@ async def test_background_job_beside_requests(service: Service) -> None:
     await until_active(service, 0)
 
 
+@pytest.mark.parametrize("service", ["fastapi_app"], indirect=True)
+async def test_work_after_the_response_outlives_the_client(service: Service) -> None:
+    """A FastAPI background task (run after the response) goes on when the client closes its
+    connection once answered: only a client that leaves before its answer cancels."""
+    async with service.client() as client:
+        before = (await client.get("/stats")).json()["visits"]
+    async with await trio.open_tcp_stream("127.0.0.1", service.port) as stream:
+        await stream.send_all(b"POST /visits HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b'{"visit":"welcome"}'):
+            answer += await stream.receive_some()
+    async with service.client() as client:
+        with trio.fail_after(10):
+            while (await client.get("/stats")).json()["visits"] == before:  # noqa: ASYNC110  # another process's state
+                await trio.sleep(0.02)
+
+
 @pytest.mark.parametrize("app", APPS)
 async def test_workers_then_sigterm(app: str, postgres_server: Server, tmp_path: Path) -> None:
     """``--workers 2``: two processes, each with its pools (the server sees both); SIGTERM

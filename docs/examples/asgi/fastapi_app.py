@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import psycopg
 import trio
-from fastapi import Depends, FastAPI, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,9 +42,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         triopool.open_pool(DATABASE_URL, name="jobs", min_size=JOBS_POOL_SIZE) as jobs_pool,
         trio.open_nursery() as background,
     ):
-        stats: dict[str, Any] = {"refreshes": 0}
+        stats: dict[str, Any] = {"refreshes": 0, "visits": 0}
         background.start_soon(refresh_stats, jobs_pool, stats)
-        yield {"pool": pool, "stats": stats}  # each request sees them in `request.state`
+        # Each request sees these in `request.state`.
+        yield {"pool": pool, "jobs_pool": jobs_pool, "stats": stats}
         background.cancel_scope.cancel()
 
 
@@ -70,12 +71,14 @@ async def refresh_stats(jobs_pool: triopool.ConnectionPool, stats: dict[str, Any
 
 
 class CancelOnDisconnect:
-    """Cancel an HTTP request's handler when its client goes away.
+    """Cancel an HTTP request's handler when its client goes away before the answer.
 
     hypercorn only queues an ``http.disconnect`` message for the app to read; a handler
     that never reads it runs to the end, holding its pool connection.  Here a task reads
     the messages for the handler and cancels it on ``http.disconnect``: triopool then
     cancels the running query on the server and the connection goes back to the pool.
+    Once the response is sent the task stops: what runs after it (background tasks) runs
+    to the end even if the client then closes its connection.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -86,16 +89,23 @@ class CancelOnDisconnect:
             await self.app(scope, receive, send)
             return
         messages_in, messages_out = trio.open_memory_channel[Message](math.inf)
+        watching = trio.CancelScope()
 
-        async def watch(cancel_scope: trio.CancelScope) -> None:
-            while (message := await receive())["type"] != "http.disconnect":
-                messages_in.send_nowait(message)
-            cancel_scope.cancel()
+        async def watch(handler: trio.CancelScope) -> None:
+            with watching:
+                while (message := await receive())["type"] != "http.disconnect":
+                    messages_in.send_nowait(message)
+                handler.cancel()
+
+        async def send_watched(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                watching.cancel()  # the answer's end: from now on the client may leave
+            await send(message)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch, nursery.cancel_scope)
-            await self.app(scope, messages_out.receive, send)
-            nursery.cancel_scope.cancel()  # answered: stop watching
+            await self.app(scope, messages_out.receive, send_watched)
+            watching.cancel()
 
 
 app = FastAPI(lifespan=lifespan)
@@ -125,6 +135,19 @@ async def report(conn: Conn, seconds: float = 1.0) -> dict[str, str]:
     """A slow query (``pg_sleep`` stands in for a big report)."""
     await conn.execute("SELECT pg_sleep(%s)", [seconds])
     return {"report": "done"}
+
+
+@app.post("/visits")
+async def visit(request: Request, tasks: BackgroundTasks) -> dict[str, str]:
+    """Answer at once, and record the visit after the response (a background task)."""
+    tasks.add_task(record_visit, request.state.jobs_pool, request.state.stats)
+    return {"visit": "welcome"}
+
+
+async def record_visit(jobs_pool: triopool.ConnectionPool, stats: dict[str, Any]) -> None:
+    async with jobs_pool.connection() as conn:
+        await conn.execute("SELECT pg_sleep(0.2)")  # stands in for a slow write
+    stats["visits"] += 1
 
 
 @app.get("/stats")
