@@ -68,13 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--compare",
         action="store_true",
-        help="also run psycopg_pool on asyncio (and uvloop, asyncpg when"
-        " installed), each in its own process, and print the ratios",
+        help="also run psycopg_pool on asyncio and uvloop, and asyncpg's pool with its"
+        " default reset and with a no-op one (those installed), each in its own process,"
+        " and print the ratios",
     )
     bench.add_argument(
         "--rounds", type=_positive_int, default=3, help="rounds for --compare (default 3)"
     )
-    bench.add_argument("--plot", metavar="FILE.png", help="with --compare: draw the results")
+    bench.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="with --compare: draw throughput, acquire-wait and latency per stack (.png, .svg"
+        " or .pdf)",
+    )
     return parser
 
 
