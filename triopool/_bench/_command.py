@@ -253,14 +253,13 @@ def _plot(results: dict[str, list[Result]], path: str, title: str) -> None:
 
     keys = ["p50", "p90", "p99"]
     width = 0.8 / len(stacks)
-    for ax, name in ((acquire_ax, "acquire wait"), (latency_ax, "query latency")):
+    for ax, name, measure in (
+        (acquire_ax, "acquire wait", "acquire_ms"),
+        (latency_ax, "query latency", "latency_ms"),
+    ):
         for i, stack in enumerate(stacks):
             values = [
-                statistics.median(
-                    (r.acquire_ms if ax is acquire_ax else r.latency_ms)[key]
-                    for r in results[stack]
-                )
-                for key in keys
+                statistics.median(getattr(r, measure)[key] for r in results[stack]) for key in keys
             ]
             offsets = [k - 0.4 + (i + 0.5) * width for k in range(len(keys))]
             ax.bar(offsets, values, width, color=colours[i], label=stack)
