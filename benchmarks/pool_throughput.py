@@ -7,7 +7,8 @@ trip), release: *standard* (100 tasks, 10 connections) and *no contention*
 (10 tasks, 10 connections).  Every stack runs in its own process, one at a
 time, in rotating order over the rounds; medians and ratios to triopool are
 printed.  Stacks: triopool, psycopg_pool (asyncio), and, when installed,
-psycopg_pool on uvloop and asyncpg's pool (reset=None: one round trip).
+psycopg_pool on uvloop and asyncpg's pool twice: with its default reset
+(a reset query per release: two round trips per request) and a no-op one.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
             for stack in stacks:
                 qps = statistics.median(r.qps for r in results[stack])
                 runs = ", ".join(f"{r.qps:.0f}" for r in results[stack])
-                print(f"  {stack:<22} {qps:9.0f}   triopool/this = {ours / qps:4.2f}   ({runs})")
+                print(f"  {stack:<30} {qps:9.0f}   triopool/this = {ours / qps:4.2f}   ({runs})")
 
 
 if __name__ == "__main__":

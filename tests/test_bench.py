@@ -6,10 +6,13 @@ Each test runs the command in a subprocess against a real server: the suite's
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +129,8 @@ def postmaster_of(pid: int) -> int:
 
 
 def pool_running(pid: int) -> bool:
-    """Whether the bench run by `pid` has its pool's connections on its own server."""
+    """Whether the bench run by `pid` runs requests on its own server (past the pool's
+    start: requests begin once ``min_size`` connections are open)."""
     folders = folders_of(pid)
     if not folders:
         return False
@@ -137,41 +141,81 @@ def pool_running(pid: int) -> bool:
         conninfo = f"host=127.0.0.1 port={lines[3]} user=postgres dbname=postgres"
         with psycopg.connect(conninfo, connect_timeout=2) as admin:
             row = admin.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'triopool-bench'"
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'triopool-bench' AND query = 'SELECT 1'"
             ).fetchone()
     except (OSError, psycopg.Error):
         return False
     return row is not None and row[0] > 0
 
 
-def test_compare_runs_every_stack_and_gives_ratios(postgres_server: Server) -> None:
-    """``--compare``: each stack in its own process, medians and ratios to triopool."""
-    data = bench_json(
-        "--dsn", postgres_server.dsn, "--compare", "--rounds", "1", "--duration", "0.5"
+@pytest.mark.parametrize("form", ["url", "key=value"])
+def test_compare_runs_every_stack_and_gives_ratios(
+    postgres_server: Server, form: str, tmp_path: Path
+) -> None:
+    """``--compare``: each stack in its own process, medians and ratios to triopool, with
+    either form of ``--dsn`` psycopg accepts (asyncpg gets it converted); asyncpg twice,
+    with its default reset and with a no-op one; ``--plot`` writes a PNG."""
+    dsn = postgres_server.dsn if form == "url" else postgres_server.conninfo()
+    plot = tmp_path / "compare.png"
+    done = bench(
+        *("--dsn", dsn, "--compare", "--rounds", "1", "--duration", "0.3"),
+        *("--json", "--plot", str(plot)),
     )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
     medians = data["median_qps"]
     assert {"triopool", "psycopg_pool"} <= set(medians)
+    if importlib.util.find_spec("asyncpg") is not None:
+        asyncpg = sorted(stack for stack in medians if stack.startswith("asyncpg"))
+        assert [stack.partition(", ")[2] for stack in asyncpg] == ["default reset", "no-op reset"]
     assert all(qps > 0 for qps in medians.values()), medians
     assert data["triopool_ratio"]["triopool"] == 1.0
     for stack, runs in data["runs"].items():
         assert len(runs) == 1 and runs[0]["errors"] == 0, (stack, runs)
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n")
+    assert done.stderr.strip().splitlines()[-1] == f"plot written to {plot}"
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], status: int) -> str:
+    """The one line a failed run wrote to stderr (checked: its exit status, no traceback)."""
+    assert done.returncode == status, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(("triopool bench: ", "triopool: ")), lines[0]
+    return lines[0]
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "says"),
     [
-        ["--pool-min", "5", "--pool-max", "2"],
-        ["--pool-min", "-1"],
-        ["--pool-max", "0"],
-        ["--clients", "0"],
-        ["--duration", "-1"],
-        ["--plot", "out.png"],
-        ["--workload", "nope"],
+        (["--pool-min", "5", "--pool-max", "2"], "--pool-min <= --pool-max"),
+        (["--pool-min", "-1"], "--pool-min"),
+        (["--pool-max", "0"], "--pool-max >= 1"),
+        (["--clients", "0"], "--clients: must be >= 1"),
+        (["--duration", "-1"], "--duration: must be > 0"),
+        (["--plot", "out.png"], "--plot needs --compare"),
+        (["--workload", "nope"], "invalid choice: 'nope'"),
+        (["--dsn", "nonsense"], 'no connection string (missing "=" after "nonsense"'),
+        (["--compare", "--dsn", "host=127.0.0.1 keepalives=1"], "libpq's keepalives"),
+        (["--compare", "--plot", "/no/such/folder/out.png"], "no folder /no/such/folder"),
+        (["--compare", "--plot", "out.txt"], "cannot write .txt files"),
     ],
 )
-def test_bad_options_fail_at_once(args: list[str]) -> None:
-    """Bad input: exit status 2 and a message, before any server is started."""
-    done = bench(*args, timeout=30)
-    assert done.returncode == 2
-    assert done.stderr.strip()
-    assert "starting a throwaway" not in done.stderr
+def test_bad_options_fail_at_once(args: list[str], says: str) -> None:
+    """Bad input: exit status 2 and one line naming the problem, before anything runs."""
+    line = one_line_error(bench(*args, timeout=30), 2)
+    assert says in line
+    assert line.endswith("(see 'triopool bench --help')")
+
+
+def test_unreachable_server_fails_in_seconds(postgres_server: Server) -> None:
+    """``--dsn`` at a closed port: exit status 1 within seconds, with libpq's reason."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        port = closed.getsockname()[1]
+        started = time.monotonic()
+        done = bench("--dsn", f"postgresql://postgres@127.0.0.1:{port}/postgres", timeout=30)
+    assert time.monotonic() - started < 10
+    line = one_line_error(done, 1)
+    assert "cannot connect to --dsn" in line and "Connection refused" in line

@@ -6,7 +6,9 @@ The examples live in ``docs/examples/`` and the pages show them with ``literalin
   exactly its ``.out`` file (which the pages show as the output), and leave no pool open and
   no backend behind;
 * ``docs/examples/<project>/`` (with a ``conftest.py``) is a pytest project, run by pytest
-  against the same server (``TRIOPOOL_TEST_DSN``): all its tests must pass.
+  against the same server (``TRIOPOOL_TEST_DSN``): all its tests must pass;
+* ``docs/examples/asgi/*.py`` are web apps, served by hypercorn and driven over HTTP by
+  ``tests/test_asgi.py``.
 
 `test_pages_show_only_tested_examples` keeps it that way: no ``.rst`` page may show Python
 code any other way.  Blocks excluded from running: shell commands (``code-block:: console``)
@@ -39,6 +41,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 EXAMPLES = DOCS / "examples"
 PROGRAMS = sorted(EXAMPLES.glob("*.py"))
 PROJECTS = sorted(conftest.parent for conftest in EXAMPLES.glob("*/conftest.py"))
+ASGI_APPS = EXAMPLES / "asgi"  # tests/test_asgi.py serves every app in it
 PAGES = sorted(page for page in DOCS.rglob("*.rst") if "_build" not in page.parts)
 
 # Languages of blocks that are not Python and are not run: shell sessions, config files and
@@ -67,7 +70,7 @@ def test_every_program_has_its_output() -> None:
     for program in PROGRAMS:
         out = program.with_suffix(".out")
         assert out.is_file() and out.read_text().strip(), f"{out.name} missing or empty"
-    known = {*PROGRAMS, *(p.with_suffix(".out") for p in PROGRAMS), *PROJECTS}
+    known = {*PROGRAMS, *(p.with_suffix(".out") for p in PROGRAMS), *PROJECTS, ASGI_APPS}
     stray = [
         path for path in EXAMPLES.iterdir() if path not in known and path.name != "__pycache__"
     ]
@@ -275,7 +278,11 @@ def test_pages_show_only_tested_examples() -> None:
     for page in PAGES:
         scan_page(page, page.read_text(), scan, EXAMPLES)
     assert scan.problems == []
-    tested = {*PROGRAMS, *(path for project in PROJECTS for path in project.glob("*.py"))}
+    tested = {
+        *PROGRAMS,
+        *(path for project in PROJECTS for path in project.glob("*.py")),
+        *ASGI_APPS.glob("*.py"),
+    }
     assert scan.included <= tested
     assert sorted(tested - scan.included) == [], "examples no page shows"
 

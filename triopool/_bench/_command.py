@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import trio
 
 from ._compare import TRIOPOOL, available_stacks, compare
-from ._results import Result, Settings
+from ._results import BenchFailed, Result, Settings, one_line
 from ._workload import run_triopool
 
 
@@ -35,25 +36,68 @@ class Options:
     plot: str | None
 
 
+#: Under the --compare table: what the stacks' names mean.
+STACKS_NOTE = (
+    "Every stack uses autocommit connections: a select1 request is one round trip, plus"
+    " asyncpg's reset query (RESET ALL, UNLISTEN *...) when a connection comes back with its"
+    " default reset; with a no-op reset asyncpg only rolls back a connection left in a"
+    " transaction, as the psycopg pools do."
+)
+#: Columns the --compare table needs for the stacks' names and every heading.
+COMPARE_WIDTH = 96
+#: Seconds to wait for the first connection to ``--dsn`` (unless it sets connect_timeout).
+PROBE_TIMEOUT = 5
+
+
+def _probe(dsn: str) -> None:
+    """Connect once to `dsn`, so that a wrong address fails in seconds with libpq's reason.
+
+    Raises:
+        BenchFailed: the connection failed.
+    """
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    try:
+        with psycopg.connect(dsn, connect_timeout=params.get("connect_timeout", PROBE_TIMEOUT)):
+            pass
+    except psycopg.Error as error:
+        raise BenchFailed(
+            f"cannot connect to --dsn: {one_line(error)} (check the address, the user and"
+            " that the server is running)"
+        ) from None
+
+
 @contextlib.contextmanager
 def _server(dsn: str | None) -> Iterator[str]:
     if dsn:
+        _probe(dsn)
         yield dsn
         return
-    from ..testing import PostgresServer
+    from ..testing import PostgresServer, ServerUnavailable
 
     print("starting a throwaway PostgreSQL server...", file=sys.stderr)
-    with PostgresServer() as server:
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(PostgresServer())
+        except ServerUnavailable as error:
+            raise BenchFailed(f"cannot start a throwaway server: {error}") from None
         yield server.dsn
 
 
 def run(options: Options) -> int:
-    """Run the benchmark; return the process exit status."""
+    """Run the benchmark; return the process exit status.
+
+    Raises:
+        BenchFailed: the run failed (the server is unreachable, or went away...).
+    """
     with _server(options.settings.dsn if options.dsn_given else None) as dsn:
         settings = Settings(**{**options.settings.__dict__, "dsn": dsn})
-        if options.compare:
-            return _run_compare(settings, options)
-        return _run_single(settings, options)
+        try:
+            if options.compare:
+                return _run_compare(settings, options)
+            return _run_single(settings, options)
+        except psycopg.Error as error:
+            failure = f"{type(error).__name__}: {one_line(error)}"
+            raise BenchFailed(f"the run failed: {failure}") from None
 
 
 def _run_single(settings: Settings, options: Options) -> int:
@@ -128,11 +172,15 @@ def _run_compare(settings: Settings, options: Options) -> int:
         on_result=None
         if options.as_json
         else lambda r, res: print(
-            f"round {r + 1}: {res.stack:<22} {res.qps:9,.0f} requests/s", file=sys.stderr
+            f"round {r + 1}: {res.stack:<30} {res.qps:9,.0f} requests/s", file=sys.stderr
         ),
     )
     medians = {stack: statistics.median(r.qps for r in runs) for stack, runs in results.items()}
     ours = medians[TRIOPOOL]
+    title = (
+        f"{settings.workload}: {settings.clients} clients, pool {settings.pool_min}.."
+        f"{settings.pool_max}, {options.rounds} round(s), each stack in its own process"
+    )
     if options.as_json:
         print(
             json.dumps(
@@ -150,13 +198,12 @@ def _run_compare(settings: Settings, options: Options) -> int:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(
-            title=f"{settings.workload}: {settings.clients} clients, pool "
-            f"{settings.pool_min}..{settings.pool_max}, {options.rounds} rounds "
-            "(medians; each stack in its own process)"
-        )
+        table = Table(title=f"{title} (medians)", caption=STACKS_NOTE)
         for column in ("stack", "requests/s", "triopool ÷ stack", "acquire p99", "latency p99"):
-            table.add_column(column, justify="left" if column == "stack" else "right")
+            if column == "stack":
+                table.add_column(column, no_wrap=True)
+            else:
+                table.add_column(column, justify="right")
         for stack, runs in results.items():
             table.add_row(
                 stack,
@@ -165,31 +212,61 @@ def _run_compare(settings: Settings, options: Options) -> int:
                 f"{statistics.median(r.acquire_ms['p99'] for r in runs):.2f} ms",
                 f"{statistics.median(r.latency_ms['p99'] for r in runs):.2f} ms",
             )
-        Console().print(table)
+        console = Console()
+        console.width = max(console.width, COMPARE_WIDTH)  # a pipe gets 80 columns: too few
+        console.print(table)
     if options.plot:
-        _plot(results, options.plot)
+        _plot(results, options.plot, title)
+        print(f"plot written to {options.plot}", file=sys.stderr)
     return 0
 
 
-def _plot(results: dict[str, list[Result]], path: str) -> None:
-    """Throughput per round and latency percentiles, one bar group per stack."""
+def _plot(results: dict[str, list[Result]], path: str, title: str) -> None:
+    """Draw what a reader compares at a glance, one colour per stack: throughput (bars from
+    0: the median, whiskers from the lowest to the highest round, a dot per round), then
+    acquire-wait and query-latency percentiles (medians over the rounds)."""
     import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     stacks = list(results)
-    for stack in stacks:
-        left.plot([r.qps for r in results[stack]], marker="o", label=stack)
-    left.set(title="throughput per round", xlabel="round", ylabel="requests/s")
-    left.legend()
+    colours = [f"C{i}" for i in range(len(stacks))]
+    rounds = max(len(runs) for runs in results.values())
+    fig, (qps_ax, acquire_ax, latency_ax) = plt.subplots(1, 3, figsize=(15, 5.5))
+    fig.suptitle(title)
+
+    qps = [[r.qps for r in results[stack]] for stack in stacks]
+    medians = [statistics.median(values) for values in qps]
+    spread = [
+        [m - min(values) for m, values in zip(medians, qps, strict=True)],
+        [max(values) - m for m, values in zip(medians, qps, strict=True)],
+    ]
+    bars = qps_ax.bar(range(len(stacks)), medians, color=colours, yerr=spread, capsize=6)
+    qps_ax.bar_label(bars, labels=[f"{m:,.0f}" for m in medians], label_type="center")
+    for i, values in enumerate(qps):
+        qps_ax.plot([i] * len(values), values, "k.", zorder=3)
+    qps_ax.set_xticks(range(len(stacks)), [""] * len(stacks))
+    qps_ax.set_ylim(bottom=0)
+    qps_ax.yaxis.set_major_formatter("{x:,.0f}")
+    qps_ax.set(title=f"throughput: median of {rounds} round(s), min..max", ylabel="requests/s")
+
     keys = ["p50", "p90", "p99"]
     width = 0.8 / len(stacks)
-    for i, stack in enumerate(stacks):
-        values = [statistics.median(r.latency_ms[k] for r in results[stack]) for k in keys]
-        right.bar([x + i * width for x in range(len(keys))], values, width, label=stack)
-    right.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))], keys)
-    right.set(title="query latency (median over rounds)", ylabel="ms")
-    fig.tight_layout()
+    for ax, name, measure in (
+        (acquire_ax, "acquire wait", "acquire_ms"),
+        (latency_ax, "query latency", "latency_ms"),
+    ):
+        for i, stack in enumerate(stacks):
+            values = [
+                statistics.median(getattr(r, measure)[key] for r in results[stack]) for key in keys
+            ]
+            offsets = [k - 0.4 + (i + 0.5) * width for k in range(len(keys))]
+            ax.bar(offsets, values, width, color=colours[i], label=stack)
+        ax.set_xticks(range(len(keys)), keys)
+        ax.set_ylim(bottom=0)
+        ax.set(title=f"{name} percentiles (median over rounds)", ylabel="ms")
+    handles, labels = latency_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(stacks), 3))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path)

@@ -8,24 +8,30 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from ._results import Result, Settings
+from ._results import BenchFailed, Result, Settings
 
 TRIOPOOL = "triopool"
 
 
 def available_stacks() -> list[str]:
-    """The stacks this machine can run, triopool first."""
+    """The stacks this machine can run, triopool first.
+
+    psycopg_pool on asyncio (and on uvloop), and asyncpg on uvloop (or asyncio)
+    twice: with its default reset and with a no-op one (see `triopool._bench._asyncio`).
+    """
+    from ._asyncio import DEFAULT_RESET, NO_RESET, stack_name
 
     def have(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
 
+    uvloop = have("uvloop")
     stacks = [TRIOPOOL]
     if have("psycopg_pool"):
-        stacks.append("psycopg_pool")
-        if have("uvloop"):
-            stacks.append("psycopg_pool+uvloop")
+        stacks.append(stack_name("psycopg_pool", uvloop=False))
+        if uvloop:
+            stacks.append(stack_name("psycopg_pool", uvloop=True))
     if have("asyncpg"):
-        stacks.append("asyncpg+uvloop" if have("uvloop") else "asyncpg")
+        stacks += [stack_name("asyncpg", uvloop, reset) for reset in (DEFAULT_RESET, NO_RESET)]
     return stacks
 
 
@@ -38,7 +44,8 @@ def run_in_process(stack: str, settings: Settings) -> Result:
         check=False,
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"{stack} worker failed:\n{completed.stderr[-2000:]}")
+        lines = completed.stderr.strip().splitlines() or ["no message"]
+        raise BenchFailed(f"the {stack} run failed: {lines[-1]}")
     return Result.from_dict(json.loads(completed.stdout.strip().splitlines()[-1]))
 
 

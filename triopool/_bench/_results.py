@@ -30,6 +30,15 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     return out
 
 
+class BenchFailed(Exception):
+    """The run failed for a reason the user can act on: the message says it in one line."""
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message on one line (libpq's messages span several)."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 @dataclass
 class Settings:
     """What to run: the same for every stack compared."""

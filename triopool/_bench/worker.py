@@ -18,7 +18,7 @@ def main(argv: list[str]) -> None:
     if stack == "triopool":
         result = trio.run(run_triopool, settings)
     else:
-        from ..aio._bench import run
+        from ._asyncio import run
 
         result = run(stack, settings)
     print(json.dumps(result.to_dict()))

