@@ -8,8 +8,12 @@ do instead, before touching anything.
 
 from __future__ import annotations
 
-import asyncio
+import json
+import re
+import subprocess
+import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,10 +62,36 @@ ENTRIES: dict[str, Entry] = {
 MESSAGE = r"needs trio.*hypercorn --worker-class trio.*triopool\.aio"
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_under_asyncio(entry: str) -> None:
-    with pytest.raises(RuntimeError, match=MESSAGE):
-        asyncio.run(ENTRIES[entry]())
+# Under asyncio in a process of its own, as an app under uvicorn would be: this one has
+# trio-asyncio imported by other tests, which patches asyncio for the whole process.
+UNDER_ASYNCIO = """
+import asyncio, json, sys
+sys.path.insert(0, sys.argv[1])
+import test_outside_trio as t
+out = {}
+for name, entry in t.ENTRIES.items():
+    try:
+        asyncio.run(entry())
+    except BaseException as ex:
+        out[name] = f"{type(ex).__name__}: {ex}"
+    else:
+        out[name] = "no error"
+print(json.dumps(out))
+"""
+
+
+def test_under_asyncio() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", UNDER_ASYNCIO, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    errors = json.loads(completed.stdout.splitlines()[-1])
+    assert set(errors) == set(ENTRIES)
+    for entry, error in errors.items():
+        assert re.match(r"RuntimeError: .*" + MESSAGE, error), (entry, error)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)

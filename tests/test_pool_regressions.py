@@ -31,6 +31,7 @@ from triopool import (
     NullConnectionPool,
     PoolStatus,
     PoolTimeout,
+    open_pool,
 )
 from triopool.testing import PostgresServer
 
@@ -610,3 +611,33 @@ async def test_no_dead_connection_handed_out_after_a_restart(
                 for _ in range(4):
                     nursery.start_soon(client)
         assert errors == []
+
+
+# -- siblings: a user callback raising BaseException ----------------------------------
+
+
+class Stop(BaseException):
+    """Not an Exception: as KeyboardInterrupt or SystemExit would be."""
+
+
+async def test_base_exception_from_configure_while_waiting_to_open(
+    postgres_server: Server, name: str
+) -> None:
+    """A ``configure`` raising a BaseException while ``open_pool(wait=True)`` waits:
+    that exception comes out alone (it used to come out in a group with the
+    `PoolClosed` the wait then raised: Ctrl-C during a bench's start-up)."""
+
+    async def configure(conn: Any) -> None:
+        await trio.lowlevel.checkpoint()
+        raise Stop
+
+    with pytest.raises(Stop):
+        async with open_pool(
+            postgres_server.dsn,
+            kwargs={"application_name": name},
+            min_size=1,
+            configure=configure,
+            wait=True,
+        ):
+            pytest.fail("opened")
+    assert await settled_backends(postgres_server, name, 0) == 0

@@ -165,5 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bench}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        pass
+    except BaseExceptionGroup as group:  # Ctrl-C in one of the run's tasks
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+    print("interrupted", file=sys.stderr)
+    return 130
