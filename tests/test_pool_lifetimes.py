@@ -477,19 +477,20 @@ async def test_null_pool_check_opens_nothing(postgres_server: Server, name: str)
 
 
 async def test_refills_below_min_size_after_a_kill(postgres_server: Server, name: str) -> None:
-    """Backends killed under the pool: the broken connection coming back is
-    replaced and the pool fills up to ``min_size`` with new backends."""
+    """Backends killed under the idle pool: the next client is not handed a dead
+    connection (the pool reads each idle one's socket first), and the pool fills up
+    to ``min_size`` with new backends."""
     async with contract_pool(ConnectionPool, postgres_server, name, min_size=2) as pool:
         await pool.wait(5)
         old = await backend_pids(postgres_server, name)
         await trio.to_thread.run_sync(postgres_server.terminate_backends, name)
-        with pytest.raises(psycopg.OperationalError):
-            async with pool.connection() as conn:
-                await conn.execute("SELECT 1")
-        await pool.check()  # finds the other one dead too
-        await pool.wait(5)
+        assert await settled_backends(postgres_server, name, 0) == 0
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+        assert await settled_backends(postgres_server, name, 2) == 2
         new = await backend_pids(postgres_server, name)
-        assert len(new) == 2 and not new & old
+        assert not new & old
+        assert pool.get_stats()["connections_lost"] == 2
 
 
 async def test_resize_up_and_down(postgres_server: Server, name: str) -> None:
