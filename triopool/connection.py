@@ -48,7 +48,7 @@ psycopg non-public names used (all of them, and only in this module):
   3.2 only), ``BaseConnection._should_cancel``, ``._check_connection_ok``,
   ``._commit_gen``, ``._rollback_gen``; ``BaseTransaction._enter_gen``,
   ``._exit_gen``, ``._check_enter`` (3.3 only); ``BasePipeline._enter_gen``,
-  ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``;
+  ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``, ``BaseCursor._close``;
 * attributes: ``AsyncConnection.lock`` (replaced), ``BaseConnection._autocommit``,
   ``._adapters``, ``._closed``, ``._pipeline``, ``._notify_handlers``,
   ``._notifies_backlog``, ``BaseTransaction._conn``, ``BaseCursor._conn``,
@@ -107,6 +107,8 @@ _OK = pq.ConnStatus.OK
 _COPY_OUT = pq.ExecStatus.COPY_OUT
 _COPY_IN = pq.ExecStatus.COPY_IN
 _TUPLE_ROW = cast(AsyncRowFactory[Any], tuple_row)
+# First wait before repeating a cancel request the server may have missed (doubled each time).
+_CANCEL_RETRY_DELAY = 0.05
 _WAIT_R = int(Wait.R)
 _WAIT_W = int(Wait.W)
 _READY_R = int(Ready.R)
@@ -500,6 +502,11 @@ class Connection(psycopg.AsyncConnection[Row]):
         stream), it is cancelled on the server.  If cancelled while waiting, the
         command is cancelled on the server and the connection brought back to a
         known state (see the class docstring).  `trio.Cancelled` propagates.
+
+        Raises:
+            psycopg.OperationalError: the connection is closed (say by another
+                task, while this one was between two rows of a stream), or gets
+                closed while waiting.
         """
         try:
             await checkpoint_if_cancelled()
@@ -510,6 +517,11 @@ class Connection(psycopg.AsyncConnection[Row]):
             _discard(gen)
             await self._interrupted(None)  # noqa: ASYNC102  # _interrupted shields itself, bounded
             raise
+        if self._closed:
+            # Closed by another task, maybe in the middle of a command: libpq
+            # would answer "no more results" and end a stream early, silently.
+            _discard(gen)
+            raise e.OperationalError("the connection is closed")
         try:
             state = next(gen)
         except StopIteration as ex:
@@ -575,10 +587,10 @@ class Connection(psycopg.AsyncConnection[Row]):
         pgconn = self.pgconn
         with trio.move_on_after(self.cancel_timeout, shield=True):  # noqa: ASYNC912  # cleanup: shielded and bounded on purpose
             try:
-                await self._send_cancel_request()
                 drain = _drain_command(pgconn)
                 with suppress(StopIteration):  # not active any more
-                    await _drive(_GenRun(drain, next(drain)), pgconn.socket)
+                    run = _GenRun(drain, next(drain))
+                    await self._drive_cancelling(run, pgconn.socket, queries_only=False)
             except e.Error as ex:
                 logger.debug("error draining an interrupted command: %s", ex)
             except BaseException:  # our own deadline, or a KeyboardInterrupt
@@ -601,10 +613,10 @@ class Connection(psycopg.AsyncConnection[Row]):
         """
         with trio.move_on_after(self.cancel_timeout, shield=True) as scope:  # noqa: ASYNC912  # cleanup: shielded and bounded on purpose
             try:
-                if self._pipeline_running_queries():
-                    await self._send_cancel_request()
                 if run is not None:
-                    await _drive(run, self.pgconn.socket)
+                    await self._drive_cancelling(run, self.pgconn.socket, queries_only=True)
+                elif self._pipeline_running_queries():
+                    await self._send_cancel_request()
             except e.Error as ex:
                 logger.debug("error finishing an interrupted pipeline operation: %s", ex)
         if scope.cancelled_caught:
@@ -612,6 +624,26 @@ class Connection(psycopg.AsyncConnection[Row]):
                 _discard(run.gen)
             logger.warning("pipeline not terminated after cancellation: closing connection")
             self._close_now()
+
+    async def _drive_cancelling(self, run: _GenRun, fd: int, *, queries_only: bool) -> Any:
+        """Drive `run` to its end while asking the server to cancel what runs.
+
+        A cancel request that reaches the server before it has read the command
+        is ignored, so it is repeated, after 0.05 s, then 0.1, 0.2, ... while
+        the command goes on (a failed request is logged and repeated too).
+        With `queries_only` (pipeline mode), only while statements of the
+        caller's are pending (`_pipeline_running_queries`).  Not bounded here.
+        """
+        delay = _CANCEL_RETRY_DELAY
+        while True:
+            if not queries_only or self._pipeline_running_queries():
+                try:
+                    await self._send_cancel_request()
+                except e.Error as ex:  # the command may end anyway: keep reading
+                    logger.debug("cancel request failed: %s", ex)
+            with trio.move_on_after(delay):
+                return await _drive(run, fd)
+            delay *= 2
 
     def _pipeline_running_queries(self) -> bool:
         """True if statements of the caller's are in flight in pipeline mode.
@@ -665,12 +697,9 @@ class Connection(psycopg.AsyncConnection[Row]):
             self._close_now()
             raise
         with trio.move_on_after(self.cancel_timeout, shield=True):  # noqa: ASYNC912  # cleanup: shielded and bounded on purpose
-            if cancel_request and self._pipeline_running_queries():
-                try:
-                    await self._send_cancel_request()
-                except e.Error as ex:
-                    logger.debug("cancel request failed: %s", ex)
             try:
+                if cancel_request:
+                    return await self._drive_cancelling(run, fd, queries_only=True)
                 return await _drive(run, fd)
             except Exception:
                 _discard(gen)
@@ -1020,12 +1049,21 @@ class _PipelineLevel:
         self._locked = locked
 
     async def __aenter__(self) -> AsyncPipeline:
-        if self._locked:
-            async with self._conn.lock:
-                await self._conn.wait(self._pipeline._enter_gen())
-        else:
-            await self._conn.wait(self._pipeline._enter_gen())
-        return self._pipeline
+        pipeline = self._pipeline
+        level = pipeline.level
+        try:
+            if self._locked:
+                async with self._conn.lock:
+                    await self._conn.wait(pipeline._enter_gen())
+            else:
+                await self._conn.wait(pipeline._enter_gen())
+        except BaseException as ex:
+            # A nested level syncs first; cancelled meanwhile, that sync is finished
+            # (pipeline mode) and the level entered: leave it again.
+            if pipeline.level > level:
+                await self.__aexit__(type(ex), ex, ex.__traceback__)  # noqa: ASYNC102  # _finish shields itself, bounded
+            raise
+        return pipeline
 
     async def __aexit__(  # noqa: ASYNC910  # _finish always checkpoints
         self,
@@ -1071,7 +1109,9 @@ class _ServerCursor(AsyncServerCursor[Row]):
         async with conn._cleanup_lock():
             if self.closed:
                 return
-            if not conn.closed:
-                await conn._finish(self._close_gen())
-            await AsyncCursor.close(self)  # here: no I/O
+            try:
+                if not conn.closed:
+                    await conn._finish(self._close_gen())
+            finally:
+                self._close()  # here, even if the server could not be told
         await checkpoint_if_cancelled()
