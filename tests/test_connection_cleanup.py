@@ -395,3 +395,64 @@ async def test_cancel_while_waiting_for_lock_sends_nothing(
     assert_usable_idle(aconn)
     await aconn.commit()  # raises ProgrammingError if psycopg thinks a block is open
     await assert_commits_visibly(aconn, admin, table, 1)
+
+
+# --- siblings: a cleanup that must wait for another task's command ------------------------------
+
+
+async def test_cancelled_transaction_exit_waits_for_other_task(
+    aconn: Conn, admin: Conn, table: sql.Identifier
+) -> None:
+    # The block ends with a cancel pending while another task's query holds the connection:
+    # the ROLLBACK waits for it (shielded, within cancel_timeout), then Cancelled.
+    aconn.cancel_timeout = 2.0
+    pid = aconn.info.backend_pid
+    other: list[Any] = []
+
+    async def other_query() -> None:
+        cur = await aconn.execute("SELECT pg_sleep(0.3), 'tp_other'")
+        other.append(await cur.fetchone())
+
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            async with aconn.transaction():
+                await aconn.execute(sql.SQL("INSERT INTO {} VALUES (1)").format(table))
+                nursery.start_soon(other_query)
+                await wait_until_active(admin, pid, "tp_other")
+                scope.cancel()
+        assert scope.cancelled_caught
+    assert other == [("", "tp_other")]
+    assert_usable_idle(aconn)
+    assert await ids_in(admin, table) == []
+    await aconn.commit()
+    await assert_commits_visibly(aconn, admin, table, 2)
+
+
+async def test_cancelled_transaction_exit_closes_if_other_task_holds_on(
+    aconn: Conn, admin: Conn, table: sql.Identifier
+) -> None:
+    # ... but not forever: after cancel_timeout the connection is closed (the other task gets
+    # OperationalError) rather than left with a block psycopg would think still open.
+    aconn.cancel_timeout = 0.5
+    pid = aconn.info.backend_pid
+    other: list[BaseException] = []
+
+    async def other_query() -> None:
+        with pytest.raises(psycopg.OperationalError) as excinfo:
+            await aconn.execute("SELECT pg_sleep(3), 'tp_other_long'")
+        other.append(excinfo.value)
+
+    t0 = 0.0
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            async with aconn.transaction():
+                await aconn.execute(sql.SQL("INSERT INTO {} VALUES (1)").format(table))
+                nursery.start_soon(other_query)
+                await wait_until_active(admin, pid, "tp_other_long")
+                t0 = trio.current_time()
+                scope.cancel()
+        assert scope.cancelled_caught
+        assert trio.current_time() - t0 < 1.5
+    assert aconn.closed
+    assert len(other) == 1
+    assert await ids_in(admin, table) == []
