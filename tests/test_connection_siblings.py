@@ -77,8 +77,9 @@ OpFn = Callable[[Run], Awaitable[None]]
 class Op:
     """An operation to sweep.
 
-    `exact`: the values the run inserts are committed if and only if it ended without
-    ``trio.Cancelled``. `own_connection`: the run closes its connection (a new one each run).
+    `exact`: the values the run commits if it ends without ``trio.Cancelled``; with it, none
+    of the values it writes is committed. `own_connection`: the run closes its connection
+    (a new one each run).
     """
 
     fn: OpFn
@@ -121,6 +122,30 @@ async def op_server_cursor(run: Run) -> None:
             await cur.execute("SELECT generate_series(1, 5)")
             assert await cur.fetchone() == (1,)
             assert [row async for row in cur] == [(2,), (3,), (4,), (5,)]
+
+
+async def op_server_cursor_implicit(run: Run) -> None:
+    # Autocommit off, no block: DECLARE opens psycopg's implicit transaction.
+    async with run.conn.cursor("tp_sweep_implicit") as cur:
+        await cur.execute("SELECT generate_series(1, 3)")
+        assert await cur.fetchall() == [(1,), (2,), (3,)]
+    await run.conn.commit()
+
+
+async def op_savepoint_rollback(run: Run) -> None:
+    async with run.conn.transaction():
+        await run.conn.execute(run.insert(), [run.value])
+        with pytest.raises(LookupError):
+            async with run.conn.transaction():
+                await run.conn.execute(run.insert(), [run.value + 1])
+                raise LookupError
+        await run.conn.execute(run.insert(), [run.value + 2])
+
+
+async def op_transaction_rollback(run: Run) -> None:
+    async with run.conn.transaction():
+        await run.conn.execute(run.insert(), [run.value])
+        raise psycopg.Rollback
 
 
 async def op_server_cursor_withhold(run: Run) -> None:
@@ -233,15 +258,22 @@ OPS: dict[str, Op] = {
         op_nested_transaction, autocommit=False, exact=lambda run: [run.value, run.value + 1]
     ),
     "server_cursor": Op(op_server_cursor, autocommit=False),
+    "server_cursor_implicit": Op(op_server_cursor_implicit, autocommit=False),
     "server_cursor_withhold": Op(op_server_cursor_withhold),
+    "savepoint_rollback": Op(op_savepoint_rollback, exact=lambda run: [run.value, run.value + 2]),
+    "transaction_rollback": Op(op_transaction_rollback, exact=lambda run: []),
     "stream": Op(op_stream),
+    "stream_implicit": Op(op_stream, autocommit=False),
     "stream_break": Op(op_stream_break),
     "copy_out": Op(op_copy_out),
     "copy_out_error": Op(op_copy_out_error),
     "copy_in": Op(op_copy_in),
+    "copy_in_implicit": Op(op_copy_in, autocommit=False),
     "pipeline": Op(op_pipeline),
+    "pipeline_implicit": Op(op_pipeline, autocommit=False),
     "pipeline_transaction": Op(op_pipeline_transaction, exact=lambda run: [run.value]),
     "executemany": Op(op_executemany),
+    "executemany_implicit": Op(op_executemany, autocommit=False),
     "executemany_returning": Op(op_executemany_returning),
     "prepare": Op(op_prepare),
     "notifies": Op(op_notifies),
@@ -437,8 +469,12 @@ async def test_cancel_everywhere(
             if mode == "closed_at_checkpoint":
                 if outcome.fired:
                     assert conn.closed, where
-                    # psycopg's errors only: no exception group, no trio.ClosedResourceError.
-                    assert outcome.error is None or isinstance(outcome.error, psycopg.Error), where
+                    # psycopg's errors only: no exception group, no trio.ClosedResourceError
+                    # (psycopg.Rollback: the caller's own, not swallowed when the rollback
+                    # could not happen, as in psycopg).
+                    assert outcome.error is None or isinstance(
+                        outcome.error, (psycopg.Error, psycopg.Rollback)
+                    ), where
                 else:
                     assert outcome.error is None, where
                     assert conn.closed == op.own_connection, where
@@ -452,7 +488,8 @@ async def test_cancel_everywhere(
                 assert outcome.cancelled, where  # a cancelled task starts nothing
             if op.exact is not None:
                 expected = set(op.exact(run))
-                committed = expected & await committed_ids(admin, sweep_table)
+                written = {run.value + offset for offset in range(10)}
+                committed = written & await committed_ids(admin, sweep_table)
                 assert committed == (set() if outcome.cancelled else expected), where
             if op.own_connection:
                 assert conn.closed, where

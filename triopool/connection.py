@@ -618,6 +618,8 @@ class Connection(psycopg.AsyncConnection[Row]):
                 elif self._pipeline_running_queries():
                     await self._send_cancel_request()
             except e.Error as ex:
+                if run is not None:
+                    _discard(run.gen)  # finished, or stopped by a closed socket
                 logger.debug("error finishing an interrupted pipeline operation: %s", ex)
         if scope.cancelled_caught:
             if run is not None:
