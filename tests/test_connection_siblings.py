@@ -96,6 +96,19 @@ async def op_execute(run: Run) -> None:
     assert await cur.fetchall() == [(1,), (2,), (3,)]
 
 
+async def op_slow_execute(run: Run) -> None:
+    # A statement still running when cancelled: a real cancel request on the server.
+    cur = await run.conn.execute("SELECT pg_sleep(0.03), 1")
+    assert await cur.fetchone() == ("", 1)
+
+
+async def op_slow_pipeline(run: Run) -> None:
+    async with run.conn.pipeline():
+        await run.conn.execute("SELECT pg_sleep(0.03)")
+        cur = await run.conn.execute(PREPARED, [run.value], prepare=True)
+        assert await cur.fetchone() == (run.value + 7,)
+
+
 async def op_implicit_transaction(run: Run) -> None:
     await run.conn.execute(run.insert(), [run.value])
     await run.conn.commit()
@@ -252,6 +265,8 @@ async def op_async_with_connection(run: Run) -> None:
 
 OPS: dict[str, Op] = {
     "execute": Op(op_execute),
+    "slow_execute": Op(op_slow_execute),
+    "slow_pipeline": Op(op_slow_pipeline),
     "implicit_transaction": Op(op_implicit_transaction, autocommit=False),
     "transaction": Op(op_transaction, exact=lambda run: [run.value]),
     "nested_transaction": Op(
