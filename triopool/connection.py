@@ -894,9 +894,10 @@ class Connection(psycopg.AsyncConnection[Row]):
         on the server and the rest is finished within `cancel_timeout` (else the
         connection is closed), so psycopg's queues and the server agree.
 
-        Checkpoints: on entry (nested blocks) and on exit.  If cancelled in the
-        block: pending results are discarded (their errors are logged) and
-        `trio.Cancelled` propagates.
+        Checkpoints: on entry and on exit.  If cancelled in the block: what is
+        still pending is finished as above, its results are discarded (errors
+        logged) and `trio.Cancelled` propagates.  If cancelled on entry: not
+        entered.
         """
         async with self.lock:
             self._check_connection_ok()
