@@ -24,6 +24,7 @@ from _connection_helpers import (
     tx_status,
     wait_until_active,
 )
+from psycopg import errors as e
 from psycopg import sql
 from psycopg.pq import PipelineStatus, TransactionStatus
 
@@ -166,6 +167,21 @@ async def test_async_with_connection_closes_with_cancel_pending(
     assert scope.cancelled_caught
     assert conn.closed
     assert await ids_in(admin, table) == []
+
+
+async def test_async_with_connection_closes_when_commit_fails(
+    postgres_dsn: str, app_name: str
+) -> None:
+    # Sibling: psycopg's __aexit__ skips close() when COMMIT raises (here a deferred
+    # constraint checked at COMMIT): the connection must be closed all the same.
+    conn = await connect(postgres_dsn, app_name)
+    with pytest.raises(e.UniqueViolation):
+        async with conn:
+            await conn.execute(
+                "CREATE TEMP TABLE tp_deferred (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)"
+            )
+            await conn.execute("INSERT INTO tp_deferred VALUES (1), (1)")
+    assert conn.closed
 
 
 async def test_server_cursor_close_with_cancel_pending(aconn: Conn) -> None:
