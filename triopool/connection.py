@@ -15,7 +15,18 @@ What changes, compared with stock psycopg on asyncio:
   on the server, a cancel request is sent and the connection is drained back to
   a known state, both inside a shielded scope bounded by
   `Connection.cancel_timeout`; if that bound expires the connection is closed.
-  Then `trio.Cancelled` propagates.  A connection is never left ``ACTIVE``.
+  Then `trio.Cancelled` propagates.  A connection is never left ``ACTIVE``.  In
+  pipeline mode the interrupted operation is finished rather than abandoned, so
+  psycopg matches every result to its command.
+* **Cleanup always happens**: what ends something (the COMMIT or ROLLBACK of a
+  transaction block, closing a server-side cursor, the Sync that ends a
+  pipeline, ``async with conn``) runs even with a cancel pending or arriving,
+  within `Connection.cancel_timeout` of the cancellation, else the connection is
+  closed.  So the connection ends closed, or usable with psycopg's bookkeeping
+  (open transaction blocks, pipeline queues, prepared statements) matching the
+  server.  A block that ends normally with a cancel pending is rolled back, not
+  committed: `trio.Cancelled` means "did not happen".  Waiting for `lock` (another
+  task's command) is not part of any bound unless cancelled.
 * **Name resolution**: host names are resolved by psycopg's own
   ``conninfo_attempts()`` in a trio worker thread (as `trio.socket.getaddrinfo`
   does); IP addresses and socket paths need no thread.
@@ -25,23 +36,29 @@ What changes, compared with stock psycopg on asyncio:
 * **Locking**: `Connection.lock` is a FIFO trio lock that does not
   checkpoint when it is free (every locked operation checkpoints anyway, while
   waiting for the server).
-* **Transactions and ``async with conn``**: the rollback that follows an
-  exception (including `trio.Cancelled`) runs in a shielded scope bounded by
-  `Connection.cancel_timeout`.
+* **Transactions and ``async with conn``**: see `Connection.transaction` and
+  `Connection.__aexit__` for the exact rules.
 
 psycopg non-public names used (all of them, and only in this module):
 
 * methods overridden or called: ``AsyncConnection.wait``,
   ``AsyncConnection._connect_gen``, ``AsyncConnection._get_connection_params``,
-  ``BaseConnection._cancel_gen`` (its ``timeout`` argument exists in 3.2 only),
-  ``BaseConnection._should_cancel``;
+  ``AsyncConnection._try_cancel`` and ``AsyncConnection._pipeline_nolock``
+  (overridden), ``BaseConnection._cancel_gen`` (its ``timeout`` argument exists in
+  3.2 only), ``BaseConnection._should_cancel``, ``._check_connection_ok``,
+  ``._commit_gen``, ``._rollback_gen``; ``BaseTransaction._enter_gen``,
+  ``._exit_gen``, ``._check_enter`` (3.3 only); ``BasePipeline._enter_gen``,
+  ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``, ``BaseCursor._close``;
 * attributes: ``AsyncConnection.lock`` (replaced), ``BaseConnection._autocommit``,
   ``._adapters``, ``._closed``, ``._pipeline``, ``._notify_handlers``,
-  ``._notifies_backlog``, ``BaseTransaction._conn``;
+  ``._notifies_backlog``, ``BaseTransaction._conn``, ``BaseCursor._conn``,
+  ``BasePipeline.level`` and ``.result_queue`` (undocumented), the ``_no_lock``
+  argument of `psycopg.AsyncPipeline`;
 * the generator protocol: ``psycopg.generators.notifies`` and the
   ``psycopg.waiting.Wait``/``Ready`` values generators yield and receive;
-* ``AsyncTransaction.__aenter__``/``__aexit__`` being the whole of a
-  transaction block (they are wrapped, not reimplemented).
+* ``AsyncTransaction.__aenter__``/``__aexit__`` and ``AsyncPipeline.__aenter__``/
+  ``__aexit__`` being the whole of a transaction block and of a pipeline level:
+  they are reimplemented around the generators above.
 
 Everything else is psycopg's public API (including ``psycopg.pq`` for draining
 an interrupted command and ``psycopg.conninfo.conninfo_attempts`` for names).
@@ -59,12 +76,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from inspect import signature
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import psycopg
 import trio
+from psycopg import AsyncPipeline, AsyncServerCursor, pq
 from psycopg import errors as e
-from psycopg import pq
 from psycopg.abc import AdaptContext, ConnDict, ConnParam, PQGen, PQGenConn
 from psycopg.adapt import AdaptersMap
 from psycopg.conninfo import conninfo_attempts, make_conninfo, timeout_from_conninfo
@@ -86,9 +103,12 @@ __all__ = ["Connection"]
 logger = logging.getLogger("triopool")
 
 _ACTIVE = pq.TransactionStatus.ACTIVE
+_OK = pq.ConnStatus.OK
 _COPY_OUT = pq.ExecStatus.COPY_OUT
 _COPY_IN = pq.ExecStatus.COPY_IN
 _TUPLE_ROW = cast(AsyncRowFactory[Any], tuple_row)
+# First wait before repeating a cancel request the server may have missed (doubled each time).
+_CANCEL_RETRY_DELAY = 0.05
 _WAIT_R = int(Wait.R)
 _WAIT_W = int(Wait.W)
 _READY_R = int(Ready.R)
@@ -162,7 +182,8 @@ def _poll_now(fd: int, state: int) -> int:
 async def _wait_ready(fd: int, state: int) -> int:
     """Wait until the socket is ready for (part of) `state`; return what is ready.
 
-    Always a checkpoint.
+    Always a checkpoint.  Raises `trio.ClosedResourceError` if another task
+    closes the connection meanwhile, and never an exception group.
     """
     if state == _WAIT_R:
         await wait_readable(fd)
@@ -178,18 +199,85 @@ async def _wait_ready(fd: int, state: int) -> int:
         await checkpoint()
         return ready
     winner = 0
+    closed = False
+    try:
+        async with trio.open_nursery() as nursery:
 
-    async with trio.open_nursery() as nursery:
+            async def wait_for(waiter: Callable[[int], Any], flag: int) -> None:  # noqa: ASYNC910  # the wait checkpointed, or raised
+                nonlocal winner, closed
+                try:
+                    await waiter(fd)
+                except trio.ClosedResourceError:
+                    closed = True  # both waiters get it: report it once, below
+                else:
+                    winner |= flag
+                nursery.cancel_scope.cancel()
 
-        async def wait_for(waiter: Callable[[int], Any], flag: int) -> None:
-            nonlocal winner
-            await waiter(fd)
-            winner |= flag
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(wait_for, wait_readable, _READY_R)
-        nursery.start_soon(wait_for, wait_writable, _READY_W)
+            nursery.start_soon(wait_for, wait_readable, _READY_R)
+            nursery.start_soon(wait_for, wait_writable, _READY_W)
+    except BaseExceptionGroup as group:
+        # Both waiters cancelled by an outer scope (or interrupted): one exception
+        # for the caller, as from the single waits above.
+        raise _one_exception(group) from None
+    if closed:
+        raise trio.ClosedResourceError("the connection was closed")
     return winner
+
+
+def _one_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception to raise for `group`: the first that is not `trio.Cancelled`, else one."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, BaseExceptionGroup):
+            pending[:0] = item.exceptions
+        else:
+            leaves.append(item)
+    return next((ex for ex in leaves if not isinstance(ex, trio.Cancelled)), leaves[0])
+
+
+class _GenRun:
+    """A psycopg generator being driven, and what it waits for next.
+
+    Kept outside the driving loop so that a run interrupted by a cancellation can
+    be resumed, shielded, where it stopped (see `Connection._finish`).
+    """
+
+    __slots__ = ("gen", "state")
+
+    def __init__(self, gen: PQGen[Any], state: int) -> None:
+        self.gen = gen
+        self.state = state
+
+
+async def _drive(run: _GenRun, fd: int) -> Any:
+    """Run `run` to completion, waiting on `fd` as it asks; return its value.
+
+    Checkpoints at every wait.  If cancelled, `run` is left as it was, ready to be
+    driven again.
+    """
+    try:
+        while True:
+            ready = await _wait_ready(fd, run.state)
+            run.state = run.gen.send(ready)
+    except StopIteration as ex:
+        return ex.value  # noqa: ASYNC910  # every path through the loop awaited
+    except trio.ClosedResourceError:
+        raise e.OperationalError("the connection was closed") from None
+    except OSError as ex:
+        raise e.OperationalError("connection socket closed") from ex
+
+
+def _discard(gen: PQGen[Any]) -> None:
+    """Close an abandoned generator (psycopg's may try to run more code on close)."""
+    with suppress(Exception):
+        gen.close()
+
+
+def _cancel_pending() -> bool:
+    """True if the current task is cancelled (its next checkpoint raises `trio.Cancelled`)."""
+    return trio.current_effective_deadline() == -math.inf
 
 
 async def _wait_conn_gen(gen: PQGenConn[Any]) -> Any:
@@ -214,30 +302,31 @@ async def _wait_conn_gen(gen: PQGenConn[Any]) -> Any:
 def _drain_command(pgconn: pq.abc.PGconn) -> PQGen[None]:
     """Consume whatever the server sends until the connection leaves ``ACTIVE``.
 
-    Used after a cancel request, once the generator that was running has been
-    abandoned: results are discarded, ``COPY TO`` data is read to its end and a
-    ``COPY FROM`` is failed.  Starts by waiting for the socket to be readable.
+    Used outside pipeline mode after a cancel request, once the generator that was
+    running has been abandoned: results are discarded, ``COPY TO`` data is read to
+    its end and a ``COPY FROM`` is failed at once (the server waits for data and
+    would never answer).  It only waits for the socket when libpq holds nothing
+    more to process.
     """
     while pgconn.transaction_status == _ACTIVE:
-        ready = yield Wait.R
-        if not ready:
+        if pgconn.is_busy():
+            if (yield Wait.R):
+                pgconn.consume_input()
             continue
-        pgconn.consume_input()
-        while pgconn.transaction_status == _ACTIVE and not pgconn.is_busy():
-            result = pgconn.get_result()
-            if result is None:
-                if pgconn.pipeline_status:
-                    break  # between two queued results: wait for more data
-                continue
-            if result.status == _COPY_OUT:
-                while (nbytes := pgconn.get_copy_data(1)[0]) > 0:
-                    pass
-                if nbytes == 0:
-                    break  # more copy data to come
-            elif result.status == _COPY_IN:
-                pgconn.put_copy_end(b"command cancelled")
-                while pgconn.flush():
-                    yield Wait.W
+        result = pgconn.get_result()
+        if result is None:
+            continue
+        if result.status == _COPY_OUT:
+            while (nbytes := pgconn.get_copy_data(1)[0]) > 0:
+                pass
+            if nbytes == 0 and (yield Wait.R):  # more copy data to come
+                pgconn.consume_input()
+        elif result.status == _COPY_IN:
+            while not pgconn.put_copy_end(b"command cancelled"):
+                yield Wait.W
+            while pgconn.flush():
+                if (yield Wait.RW) & _READY_R:
+                    pgconn.consume_input()
 
 
 def _is_literal_host(host: str) -> bool:
@@ -299,15 +388,27 @@ class Connection(psycopg.AsyncConnection[Row]):
       possible in time the connection is closed.  `trio.Cancelled` then
       propagates.  A task already cancelled when it calls a method that would
       start a new command does not send it.
+    * What ends something still happens when the task is cancelled: the COMMIT
+      or ROLLBACK ending a ``transaction()`` block (a block ending with a cancel
+      pending is rolled back: not committed), closing a server-side cursor, the
+      end of a ``pipeline()`` block, ``async with conn`` (which always closes
+      the connection).  It gets `cancel_timeout` from the cancellation, else
+      the connection is closed.  So a connection comes out of a cancellation
+      closed, or usable with psycopg's own bookkeeping right.
+    * No exception group ever escapes: another task closing the connection
+      gives `psycopg.OperationalError`, a cancellation `trio.Cancelled`.
     * ``connect_timeout`` (conninfo or keyword) is honoured to the fraction of a
       second, per host attempt.
 
     Create connections with `connect`.
     """
 
-    #: Seconds allowed to cancel an interrupted command on the server and drain
-    #: the connection (and to roll back a transaction block left by an
-    #: exception); past this the connection is closed.
+    #: Seconds allowed, from a cancellation, to cancel the interrupted command
+    #: on the server and drain the connection, or to finish a cleanup (COMMIT or
+    #: ROLLBACK ending a transaction block, closing a server-side cursor, ending a
+    #: pipeline); past this the connection is closed.  Nothing is bounded while
+    #: nobody cancels (waiting for another task's command included).  ``0``:
+    #: close at once on cancellation.
     cancel_timeout: float = 5.0
 
     def __init__(
@@ -317,6 +418,7 @@ class Connection(psycopg.AsyncConnection[Row]):
     ) -> None:
         super().__init__(pgconn, row_factory)
         self.lock = _ConnectionLock()  # type: ignore[assignment]
+        self.server_cursor_factory = _ServerCursor
 
     @classmethod
     async def connect(
@@ -393,60 +495,86 @@ class Connection(psycopg.AsyncConnection[Row]):
         psycopg calls this for every operation, holding `lock`.  `interval` is
         accepted for compatibility and ignored: trio needs no polling.  With a
         `timeout`, raise `psycopg.OperationalError` if the generator has not
-        finished in time (the connection is then in an undefined state unless
-        nothing was in progress).
+        finished in time (the command is then cancelled as below).
 
-        Checkpoints: always.  If cancelled while a command is in progress on
-        the server: see the class docstring; if cancelled before anything was
-        sent (and no command is in progress), nothing is sent.
+        Checkpoints: always.  If cancelled before the generator starts, nothing
+        is sent; if a command is still in progress (e.g. between two rows of a
+        stream), it is cancelled on the server.  If cancelled while waiting, the
+        command is cancelled on the server and the connection brought back to a
+        known state (see the class docstring).  `trio.Cancelled` propagates.
+
+        Raises:
+            psycopg.OperationalError: the connection is closed (say by another
+                task, while this one was between two rows of a stream), or gets
+                closed while waiting.
         """
-        pgconn = self.pgconn
         try:
             await checkpoint_if_cancelled()
         except BaseException:
             # A cancelled task starts nothing; if it is in the middle of a
             # command (e.g. between two rows of a stream), that command is
             # cancelled on the server before Cancelled propagates.
-            gen.close()
-            if pgconn.transaction_status == _ACTIVE:
-                await self._abort_command()  # noqa: ASYNC102  # _abort_command shields itself, bounded
+            _discard(gen)
+            await self._interrupted(None)  # noqa: ASYNC102  # _interrupted shields itself, bounded
             raise
+        if self._closed:
+            # Closed by another task, maybe in the middle of a command: libpq
+            # would answer "no more results" and end a stream early, silently.
+            _discard(gen)
+            raise e.OperationalError("the connection is closed")
         try:
             state = next(gen)
         except StopIteration as ex:
             await cancel_shielded_checkpoint()
             return ex.value
-        fd = pgconn.socket
+        run = _GenRun(gen, state)
+        fd = self._socket(gen)
         if timeout is None:
-            return await self._complete(gen, fd, state)
+            return await self._complete(run, fd)
         with trio.move_on_after(timeout):
-            return await self._complete(gen, fd, state)
+            return await self._complete(run, fd)
         raise e.OperationalError("wait timeout expired")
 
-    async def _complete(self, gen: PQGen[Any], fd: int, state: int) -> Any:
-        """Run `gen` to completion; on interruption abort the command, then re-raise."""
+    def _socket(self, gen: PQGen[Any]) -> int:
+        """The connection's socket, for `gen` to wait on (closed if there is none)."""
         try:
-            return await self._drive(gen, fd, state)
-        except Exception:
-            raise
-        except BaseException:  # trio.Cancelled, KeyboardInterrupt
-            gen.close()
-            if self.pgconn.transaction_status == _ACTIVE:
-                await self._abort_command()  # noqa: ASYNC102  # _abort_command shields itself, bounded
+            return self.pgconn.socket
+        except BaseException:
+            _discard(gen)
             raise
 
-    async def _drive(self, gen: PQGen[Any], fd: int, state: int) -> Any:
-        """Run `gen` to completion from `state`, waiting on `fd` as it asks."""
+    async def _complete(self, run: _GenRun, fd: int) -> Any:
+        """Run `run` to completion; on interruption bring the connection back, then re-raise."""
         try:
-            while True:
-                ready = await _wait_ready(fd, state)
-                state = gen.send(ready)
-        except StopIteration as ex:
-            return ex.value  # noqa: ASYNC910  # every path through the loop awaited
-        except trio.ClosedResourceError:
-            raise e.OperationalError("the connection was closed") from None
-        except OSError as ex:
-            raise e.OperationalError("connection socket closed") from ex
+            return await _drive(run, fd)
+        except Exception:
+            _discard(run.gen)  # finished, or stopped by a closed socket
+            raise
+        except BaseException:  # trio.Cancelled, KeyboardInterrupt
+            await self._interrupted(run)  # noqa: ASYNC102  # _interrupted shields itself, bounded
+            raise
+
+    async def _interrupted(self, run: _GenRun | None) -> None:  # noqa: ASYNC910  # shielded on purpose
+        """Bring the connection to a known state after an interruption.
+
+        The task was running `run` (None: it was about to start a command).
+        Outside pipeline mode the generator is abandoned and a command still in
+        progress is cancelled and drained (`_abort_command`).  In pipeline mode
+        it is finished instead (`_interrupted_pipeline`): psycopg matches every
+        result to its queue of pending commands, so none may be lost.
+        """
+        pgconn = self.pgconn
+        if self._closed or pgconn.status != _OK:
+            if run is not None:
+                _discard(run.gen)
+            return  # noqa: ASYNC910  # cleanup: nothing to wait for
+        if pgconn.pipeline_status:
+            await self._interrupted_pipeline(run)
+            return
+        if run is not None:
+            _discard(run.gen)
+        if pgconn.transaction_status == _ACTIVE:
+            await self._abort_command()
 
     async def _abort_command(self) -> None:  # noqa: ASYNC910  # shielded on purpose
         """Cancel the command running on the server and drain the connection.
@@ -456,22 +584,158 @@ class Connection(psycopg.AsyncConnection[Row]):
         (`_drain_command`).  Shielded and bounded by `cancel_timeout`; the
         connection is closed if it is still ``ACTIVE`` at the end.
         """
+        pgconn = self.pgconn
         with trio.move_on_after(self.cancel_timeout, shield=True):  # noqa: ASYNC912  # cleanup: shielded and bounded on purpose
             try:
-                await self._send_cancel_request()
-                drain = _drain_command(self.pgconn)
+                drain = _drain_command(pgconn)
                 with suppress(StopIteration):  # not active any more
-                    await self._drive(drain, self.pgconn.socket, next(drain))
+                    run = _GenRun(drain, next(drain))
+                    await self._drive_cancelling(run, pgconn.socket, queries_only=False)
             except e.Error as ex:
                 logger.debug("error draining an interrupted command: %s", ex)
             except BaseException:  # our own deadline, or a KeyboardInterrupt
-                if self.pgconn.transaction_status == _ACTIVE:
+                if pgconn.transaction_status == _ACTIVE:
                     logger.warning("command not terminated after cancellation: closing connection")
                     self._close_now()
                 raise
-        if self.pgconn.transaction_status == _ACTIVE and not self.closed:
+        if pgconn.transaction_status == _ACTIVE and not self.closed:
             logger.warning("command not terminated after cancellation: closing connection")
             self._close_now()
+
+    async def _interrupted_pipeline(self, run: _GenRun | None) -> None:  # noqa: ASYNC910  # shielded on purpose
+        """`_interrupted` in pipeline mode: finish `run` rather than abandon it.
+
+        Statements of the caller's still running on the server are cancelled
+        first, so the rest of the pipeline is quick: the server skips it until
+        the next Sync.  That Sync comes when the pipeline block ends (its exit is
+        a cleanup, see `_PipelineLevel`).  Shielded and bounded by
+        `cancel_timeout`; past that the connection is closed.
+        """
+        with trio.move_on_after(self.cancel_timeout, shield=True) as scope:  # noqa: ASYNC912  # cleanup: shielded and bounded on purpose
+            try:
+                if run is not None:
+                    await self._drive_cancelling(run, self.pgconn.socket, queries_only=True)
+                elif self._pipeline_running_queries():
+                    await self._send_cancel_request()
+            except e.Error as ex:
+                if run is not None:
+                    _discard(run.gen)  # finished, or stopped by a closed socket
+                logger.debug("error finishing an interrupted pipeline operation: %s", ex)
+        if scope.cancelled_caught:
+            if run is not None:
+                _discard(run.gen)
+            logger.warning("pipeline not terminated after cancellation: closing connection")
+            self._close_now()
+
+    async def _drive_cancelling(self, run: _GenRun, fd: int, *, queries_only: bool) -> Any:
+        """Drive `run` to its end while asking the server to cancel what runs.
+
+        A cancel request that reaches the server before it has read the command
+        is ignored, so it is repeated, after 0.05 s, then 0.1, 0.2, ... while
+        the command goes on (a failed request is logged and repeated too).
+        With `queries_only` (pipeline mode), only while statements of the
+        caller's are pending (`_pipeline_running_queries`).  Not bounded here.
+        """
+        delay = _CANCEL_RETRY_DELAY
+        while True:
+            if not queries_only or self._pipeline_running_queries():
+                try:
+                    await self._send_cancel_request()
+                except e.Error as ex:  # the command may end anyway: keep reading
+                    logger.debug("cancel request failed: %s", ex)
+            with trio.move_on_after(delay):
+                return await _drive(run, fd)
+            delay *= 2
+
+    def _pipeline_running_queries(self) -> bool:
+        """True if statements of the caller's are in flight in pipeline mode.
+
+        Only then is a cancel request sent: a pipeline whose pending results are
+        only psycopg's own commands (COMMIT, ROLLBACK, Sync at the end of a
+        transaction block) must run them, or its bookkeeping would be wrong.
+        """
+        if self.pgconn.transaction_status != _ACTIVE:
+            return False
+        pipeline = self._pipeline
+        return pipeline is None or any(item is not None for item in pipeline.result_queue)
+
+    async def _finish(self, gen: PQGen[Any], *, cancel_request: bool = False) -> Any:
+        """Run a generator that ends something to its end, whatever the cancellation.
+
+        For the commands that close what was opened (COMMIT or ROLLBACK of a
+        transaction block, CLOSE of a server-side cursor, the final Sync of a
+        pipeline) and BEGIN/SAVEPOINT: `wait` would abandon them when cancelled,
+        and with them psycopg's own bookkeeping (its count of open transaction
+        blocks, its pipeline queues).  Here a cancellation, pending or arriving,
+        does not stop the generator: it goes on, shielded, for at most
+        `cancel_timeout` from the cancellation.  No cancel request is sent for
+        these quick commands (it could abort the ROLLBACK itself), except with
+        `cancel_request`, for statements of the caller's still running in a
+        pipeline.  If the time runs out the connection is closed and
+        `trio.Cancelled` raised.
+
+        Returns the generator's value even if cancelled meanwhile (the command
+        happened: the next checkpoint raises `trio.Cancelled`); errors from the
+        server propagate.  Without a cancellation nothing bounds the wait.
+
+        Checkpoints: always.
+        """
+        try:
+            state = next(gen)
+        except StopIteration as ex:
+            await cancel_shielded_checkpoint()
+            return ex.value
+        run = _GenRun(gen, state)
+        fd = self._socket(gen)
+        try:
+            return await _drive(run, fd)
+        except Exception:
+            _discard(gen)  # finished, or stopped by a closed socket
+            raise
+        except trio.Cancelled as exc:  # noqa: ASYNC103  # re-raised below unless the command completes
+            cancelled = exc
+        except BaseException:  # KeyboardInterrupt: the state is unknown
+            _discard(gen)
+            self._close_now()
+            raise
+        with trio.move_on_after(self.cancel_timeout, shield=True):  # noqa: ASYNC912  # cleanup: shielded and bounded on purpose
+            try:
+                if cancel_request:
+                    return await self._drive_cancelling(run, fd, queries_only=True)
+                return await _drive(run, fd)
+            except Exception:
+                _discard(gen)
+                raise
+        _discard(gen)
+        logger.warning("cleanup not acknowledged in time after cancellation: closing connection")
+        self._close_now()
+        raise cancelled
+
+    @asynccontextmanager
+    async def _cleanup_lock(self) -> AsyncIterator[None]:
+        """Hold `lock` for a cleanup that must happen even if cancelled.
+
+        Waiting for the lock (another task's command) is not bounded while
+        nobody cancels; once cancelled, it goes on shielded for `cancel_timeout`.
+        If the lock is still taken then, the connection is closed (the other task
+        gets `psycopg.OperationalError`) and `trio.Cancelled` raised.
+        """
+        lock = self.lock
+        try:
+            await lock.acquire()
+        except trio.Cancelled:  # noqa: ASYNC103, ASYNC104  # kept only once the lock is ours: the cleanup runs, the next checkpoint raises again
+            acquired = False
+            with trio.move_on_after(self.cancel_timeout, shield=True):  # noqa: ASYNC912  # cleanup: shielded and bounded on purpose
+                await lock.acquire()
+                acquired = True
+            if not acquired:
+                logger.warning("connection busy at cleanup after cancellation: closing it")
+                self._close_now()
+                raise
+        try:
+            yield
+        finally:
+            lock.release()
 
     async def _send_cancel_request(self) -> None:
         """Ask the server to cancel the current command (not bounded here)."""
@@ -502,6 +766,23 @@ class Connection(psycopg.AsyncConnection[Row]):
         if scope.cancelled_caught:
             raise e.CancellationTimeout("cancellation timeout expired")
 
+    async def _try_cancel(self, *, timeout: float = 5.0) -> None:  # noqa: ASYNC109, ASYNC910  # psycopg's signature; shielded on purpose
+        """Ask the server to cancel the running command, for psycopg's cleanup code.
+
+        psycopg calls this when a `~psycopg.AsyncCursor.stream` or a ``COPY TO``
+        ends early (the caller's code raised, or the task was cancelled while the
+        caller's code ran), then drains the connection.  Unlike `cancel_safe` it
+        never raises, not even `trio.Cancelled` (which would skip that drain):
+        the request is sent shielded, bounded by `cancel_timeout`.  A cancelled
+        task drains the connection in `wait`.
+        """
+        with trio.move_on_after(min(timeout, self.cancel_timeout), shield=True):  # noqa: ASYNC912  # cleanup: shielded and bounded on purpose
+            try:
+                if self._should_cancel():
+                    await self._send_cancel_request()
+            except e.Error as ex:
+                logger.warning("query cancellation failed: %s", ex)
+
     def _close_now(self) -> None:
         """Close the libpq connection, waking any task waiting on its socket."""
         if self._closed:
@@ -530,7 +811,7 @@ class Connection(psycopg.AsyncConnection[Row]):
             return
         self._close_now()
 
-    async def __aexit__(
+    async def __aexit__(  # noqa: ASYNC910  # a closed connection has nothing to end
         self,
         exc_type: type[BaseException] | None,
         exc_val: BaseException | None,
@@ -538,16 +819,39 @@ class Connection(psycopg.AsyncConnection[Row]):
     ) -> None:
         """Commit (success) or roll back (exception), then close.
 
-        After an exception (`trio.Cancelled` included) the rollback runs in a
-        shielded scope bounded by `cancel_timeout`.
+        The connection is closed however this ends (unless it belongs to a
+        pool, as in psycopg).  The COMMIT or ROLLBACK is finished even if the
+        task is cancelled meanwhile (bounded by `cancel_timeout` from the
+        cancellation).
+
+        Checkpoints: when talking to the server.  If cancelled before the block
+        ends (an exception) or when it ends (a cancel pending): nothing is
+        committed, the connection is closed and `trio.Cancelled` propagates.  A
+        cancel arriving during the COMMIT lets it complete; the next checkpoint
+        raises.
         """
-        if exc_type is None or self.closed:
-            await super().__aexit__(exc_type, exc_val, exc_tb)  # noqa: ASYNC102  # commit after success stays cancellable
-            return
-        with trio.move_on_after(self.cancel_timeout, shield=True) as scope:
-            await super().__aexit__(exc_type, exc_val, exc_tb)
-        if scope.cancelled_caught:
-            self._close_now()
+        if self.closed:
+            return  # noqa: ASYNC910  # nothing to end
+        pooled = bool(getattr(self, "_pool", None))
+        skip_commit = exc_type is None and _cancel_pending()
+        try:
+            # _cleanup_lock and _finish shield themselves once cancelled, bounded.
+            if exc_type is None and not skip_commit:
+                async with self._cleanup_lock():  # noqa: ASYNC102
+                    await self._finish(self._commit_gen())  # noqa: ASYNC102
+            elif pooled or not _cancel_pending():
+                # Roll back before closing (as psycopg), or for the pool; a
+                # cancelled task just closes, which rolls back on the server.
+                try:
+                    async with self._cleanup_lock():  # noqa: ASYNC102
+                        await self._finish(self._rollback_gen())  # noqa: ASYNC102
+                except Exception as ex:
+                    logger.warning("error ignored in rollback on %s: %s", self, ex)
+        finally:
+            if not pooled:
+                self._close_now()
+        if skip_commit:
+            await checkpoint_if_cancelled()  # noqa: ASYNC102  # raises: the block is not committed
 
     @asynccontextmanager
     async def transaction(
@@ -555,10 +859,20 @@ class Connection(psycopg.AsyncConnection[Row]):
     ) -> AsyncIterator[AsyncTransaction]:
         """Start a transaction block (or a savepoint if one is in progress).
 
-        As `psycopg.AsyncConnection.transaction`.  Entering and leaving the
-        block after an exception run shielded, bounded by `cancel_timeout`, so a
-        cancelled block is rolled back on the server and the connection stays
-        usable; if the server does not answer in time the connection is closed.
+        As `psycopg.AsyncConnection.transaction`, with trio cancellation:
+
+        * Entering waits for `lock` like any command (a cancel then means
+          nothing happened); once BEGIN/SAVEPOINT is sent it is completed, and
+          rolled back if the task was cancelled meanwhile.
+        * Leaving after an exception (`trio.Cancelled` included) rolls back.
+        * Leaving normally commits, unless a cancel is pending: then the block
+          is rolled back and `trio.Cancelled` raised (Cancelled means "not
+          committed").  A cancel arriving while the COMMIT is in flight lets it
+          complete; the block ends normally and the next checkpoint raises.
+        * The COMMIT or ROLLBACK that ends a block always runs, even if
+          cancelled, within `cancel_timeout` of the cancellation; past that (or
+          if another task holds the connection that long) the connection is
+          closed.  Waiting for the server or for `lock` is otherwise not bounded.
 
         Checkpoints: on entry and on exit.
         """
@@ -569,6 +883,45 @@ class Connection(psycopg.AsyncConnection[Row]):
         else:
             async with tx:
                 yield tx
+
+    @asynccontextmanager
+    async def pipeline(self) -> AsyncIterator[AsyncPipeline]:
+        """Switch the connection to pipeline mode for the block (nested blocks allowed).
+
+        As `psycopg.AsyncConnection.pipeline`.  The end of the block (a Sync
+        and the results still pending) is completed even if the task is
+        cancelled: statements of the caller's still running are then cancelled
+        on the server and the rest is finished within `cancel_timeout` (else the
+        connection is closed), so psycopg's queues and the server agree.
+
+        Checkpoints: on entry and on exit.  If cancelled in the block: what is
+        still pending is finished as above, its results are discarded (errors
+        logged) and `trio.Cancelled` propagates.  If cancelled on entry: not
+        entered.
+        """
+        async with self.lock:
+            self._check_connection_ok()
+            if (pipeline := self._pipeline) is None:
+                # A reference loop, broken below (as in psycopg).
+                pipeline = self._pipeline = AsyncPipeline(self)
+        try:
+            async with _PipelineLevel(self, pipeline, locked=True):
+                yield pipeline
+        finally:
+            if pipeline.level == 0:
+                async with self._cleanup_lock():  # noqa: ASYNC102  # _cleanup_lock shields itself, bounded
+                    if self._pipeline is pipeline:
+                        self._pipeline = None
+
+    @asynccontextmanager
+    async def _pipeline_nolock(self) -> AsyncIterator[AsyncPipeline]:
+        """`pipeline` for a caller already holding `lock` (psycopg's ``executemany``)."""
+        pipeline = self._pipeline = AsyncPipeline(self, _no_lock=True)
+        try:
+            async with _PipelineLevel(self, pipeline, locked=False):
+                yield pipeline
+        finally:
+            self._pipeline = None
 
     async def notifies(
         self,
@@ -622,23 +975,42 @@ class Connection(psycopg.AsyncConnection[Row]):
 
 
 class _Transaction(AsyncTransaction):
-    """A transaction block whose setup and rollback survive cancellation."""
+    """A transaction block whose end always happens, whatever the cancellation.
+
+    psycopg's ``__aenter__``/``__aexit__`` are replaced; their generators
+    (``_enter_gen``, ``_exit_gen``) are used as they are.  psycopg runs those
+    through `Connection.wait` like any command, so a cancel pending when a block
+    ends would skip the COMMIT/ROLLBACK and, with it, psycopg's count of open
+    blocks: every later block would be a savepoint in a transaction never
+    committed.  Here they run through `Connection._finish`.  The rules are in
+    `Connection.transaction`.
+    """
 
     async def __aenter__(self) -> _Transaction:
         conn = cast(Connection[Any], self._conn)
-        with trio.move_on_after(conn.cancel_timeout, shield=True) as scope:
-            await super().__aenter__()
-        if scope.cancelled_caught:
-            conn._close_now()
-            raise e.OperationalError(
-                "transaction start not acknowledged in time: connection closed"
-            )
-        try:
-            await checkpoint_if_cancelled()
-        except BaseException as ex:
-            await self.__aexit__(type(ex), ex, ex.__traceback__)  # noqa: ASYNC102  # __aexit__ shields the rollback, bounded
-            raise
+        async with conn.lock:  # waiting is cancellable: nothing has happened yet
+            check_enter = getattr(self, "_check_enter", None)  # psycopg >= 3.3
+            if check_enter is not None:
+                check_enter()
+            await checkpoint_if_cancelled()  # cancelled: send nothing
+            try:
+                await conn._finish(self._enter_gen())
+                await checkpoint_if_cancelled()  # cancelled meanwhile: undo
+            except BaseException as ex:
+                await self._undo(conn, ex)  # noqa: ASYNC102  # _finish shields itself, bounded
+                raise
         return self
+
+    async def _undo(self, conn: Connection[Any], ex: BaseException) -> None:  # noqa: ASYNC910  # a lost connection has nothing to undo
+        """Roll back a block whose entry failed (psycopg >= 3.3 does the same)."""
+        if self.pgconn.status == _OK:
+            await conn._finish(self._exit_gen(type(ex), ex, ex.__traceback__))
+        else:
+            self._failed()
+
+    def _failed(self) -> None:
+        if hasattr(self, "status"):  # psycopg >= 3.3
+            self.status = self.Status.FAILED
 
     async def __aexit__(
         self,
@@ -646,14 +1018,103 @@ class _Transaction(AsyncTransaction):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> bool:
-        if exc_type is None:
-            return await super().__aexit__(exc_type, exc_val, exc_tb)  # noqa: ASYNC102  # commit after success stays cancellable
         conn = cast(Connection[Any], self._conn)
-        swallow: bool | Literal[False] = False
-        with trio.move_on_after(conn.cancel_timeout, shield=True) as scope:
-            swallow = await super().__aexit__(exc_type, exc_val, exc_tb)
-        if scope.cancelled_caught:
-            logger.warning("rollback not acknowledged in time: closing connection")
-            conn._close_now()
-            return False
-        return swallow
+        if self.pgconn.status != _OK:
+            self._failed()
+            return False  # noqa: ASYNC910  # a lost connection has nothing to end
+        # _cleanup_lock and _finish shield themselves once cancelled, bounded.
+        async with conn._cleanup_lock():  # noqa: ASYNC102
+            if exc_val is None and not self.force_rollback:
+                try:
+                    await checkpoint_if_cancelled()  # noqa: ASYNC102  # cancelled: no COMMIT
+                except BaseException as cancelled:
+                    # The block ended but the task is cancelled: no COMMIT.
+                    await conn._finish(  # noqa: ASYNC102  # _finish shields itself, bounded
+                        self._exit_gen(type(cancelled), cancelled, cancelled.__traceback__)
+                    )
+                    raise
+            return bool(await conn._finish(self._exit_gen(exc_type, exc_val, exc_tb)))  # noqa: ASYNC102
+
+
+class _PipelineLevel:
+    """One level of `Connection.pipeline`: psycopg's `AsyncPipeline` enter and exit.
+
+    The exit (a Sync, then every pending result fetched and matched to its
+    command) runs through `Connection._finish`: a cancelled block still ends with
+    the server past a Sync and psycopg's queues empty.
+    """
+
+    __slots__ = ("_conn", "_locked", "_pipeline")
+
+    def __init__(self, conn: Connection[Any], pipeline: AsyncPipeline, *, locked: bool) -> None:
+        self._conn = conn
+        self._pipeline = pipeline
+        self._locked = locked
+
+    async def __aenter__(self) -> AsyncPipeline:
+        pipeline = self._pipeline
+        level = pipeline.level
+        try:
+            if self._locked:
+                async with self._conn.lock:
+                    await self._conn.wait(pipeline._enter_gen())
+            else:
+                await self._conn.wait(pipeline._enter_gen())
+        except BaseException as ex:
+            # A nested level syncs first; cancelled meanwhile, that sync is finished
+            # (pipeline mode) and the level entered: leave it again.
+            if pipeline.level > level:
+                await self.__aexit__(type(ex), ex, ex.__traceback__)  # noqa: ASYNC102  # _finish shields itself, bounded
+            raise
+        return pipeline
+
+    async def __aexit__(  # noqa: ASYNC910  # _finish always checkpoints
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        conn, pipeline = self._conn, self._pipeline
+        cancelled_results = False
+        try:
+            # _cleanup_lock and _finish shield themselves once cancelled, bounded.
+            if self._locked:
+                async with conn._cleanup_lock():  # noqa: ASYNC102
+                    await conn._finish(pipeline._exit_gen(), cancel_request=True)  # noqa: ASYNC102
+            else:
+                await conn._finish(pipeline._exit_gen(), cancel_request=True)  # noqa: ASYNC102
+        except Exception as ex:
+            if exc_val is None and not _cancel_pending():
+                raise ex.with_traceback(None) from None
+            # Don't clobber the exception (or cancellation) that ended the block.
+            level = logging.DEBUG if _cancel_pending() else logging.WARNING
+            logger.log(level, "error ignored terminating %r: %s", pipeline, ex)
+            cancelled_results = exc_val is None
+        finally:
+            pipeline._exit(exc_val)
+        if cancelled_results:
+            await checkpoint_if_cancelled()  # noqa: ASYNC102  # raises: results were lost to the cancellation
+
+
+class _ServerCursor(AsyncServerCursor[Row]):
+    """The server-side cursor of `Connection.cursor` (the default ``server_cursor_factory``)."""
+
+    __slots__ = ()
+
+    async def close(self) -> None:
+        """Close the cursor, on the server (``CLOSE``) and here.
+
+        Checkpoints: when the server is asked.  If cancelled: the cursor is closed
+        all the same (within `Connection.cancel_timeout` of the cancellation; past
+        that the connection is closed), then `trio.Cancelled` propagates.
+        """
+        conn = cast(Connection[Any], self._conn)
+        async with conn._cleanup_lock():
+            if self.closed:
+                return
+            try:
+                if not conn.closed:
+                    await conn._finish(self._close_gen())
+            finally:
+                self._close()  # here, even if the server could not be told
+        await checkpoint_if_cancelled()
