@@ -50,6 +50,14 @@ async def wait() -> None:
     await triopool.NullConnectionPool("").wait()
 
 
+async def connect() -> None:
+    await triopool.Connection.connect("")
+
+
+async def one_shot() -> None:
+    await triopool.ConnectionPool("", min_size=0, max_size=1).fetchval("SELECT 1")
+
+
 ENTRIES: dict[str, Entry] = {
     "open_pool": enter_open_pool,
     "async with pool": enter_pool,
@@ -57,6 +65,8 @@ ENTRIES: dict[str, Entry] = {
     "getconn": getconn,
     "pool.connection": enter_connection,
     "wait": wait,
+    "Connection.connect": connect,
+    "pool.fetchval": one_shot,
 }
 
 MESSAGE = r"needs trio.*hypercorn --worker-class trio.*triopool\.aio"

@@ -98,6 +98,8 @@ from trio.lowlevel import (
     wait_writable,
 )
 
+from ._runtime import require_trio
+
 __all__ = ["Connection"]
 
 logger = logging.getLogger("triopool")
@@ -446,6 +448,7 @@ class Connection(psycopg.AsyncConnection[Row]):
                 when the last one timed out.
             psycopg.ProgrammingError: malformed connection string or parameter.
         """
+        require_trio("triopool.Connection.connect")
         params = await cls._get_connection_params(conninfo, **kwargs)
         timeout = _connect_timeout(params)
         if _needs_name_lookup(params):
