@@ -58,8 +58,13 @@ class FakePGconn:
             raise psycopg.OperationalError("the connection is lost")
         return self._socket.fileno()
 
+    notice_handler: object = None
+
     def consume_input(self) -> None:
         """Nothing ever arrives."""
+
+    def is_busy(self) -> int:
+        return 0
 
     def finish(self) -> None:
         self.status = BAD

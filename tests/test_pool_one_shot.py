@@ -114,7 +114,7 @@ async def test_sql_error_reaches_its_caller_only(
         t = await make_table(pool, name)
         results: dict[int, object] = {}
 
-        async def caller(i: int) -> None:
+        async def caller(i: int) -> None:  # noqa: ASYNC910  # fetchval checkpoints
             try:
                 results[i] = await pool.fetchval("SELECT 10 / %s", [i % 3])
             except errors.DivisionByZero as ex:
@@ -195,7 +195,7 @@ async def test_cancelled_at_every_step(
         await pool.wait(5)
         with trio.CancelScope() as scope:
 
-            async def cancel_later() -> None:
+            async def cancel_later() -> None:  # noqa: ASYNC910  # steps may be 0: cancel at once
                 for _ in range(steps):
                     await trio.lowlevel.checkpoint()
                 scope.cancel()

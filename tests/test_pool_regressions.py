@@ -315,7 +315,7 @@ async def test_getconn_timeout_zero_grows_the_pool(postgres_server: Server, name
         with pytest.raises(PoolTimeout):
             await pool.getconn(timeout=0)
         await pool.wait(WITHIN)  # min_size 0: ready at once; wait for the connection:
-        with trio.fail_after(WITHIN):
+        with trio.fail_after(WITHIN):  # noqa: ASYNC912  # the loop sleeps
             while pool.status().available == 0:  # noqa: ASYNC110  # the scheduler's state: no event
                 await trio.sleep(0.01)
         for _ in range(20):

@@ -284,7 +284,7 @@ class PoolMachine(RuleBasedStateMachine):
         conn = holder.conn
         assert conn is not None
 
-        async def step() -> None:  # noqa: ASYNC910  # runs as a step in trio
+        async def step() -> None:  # noqa: ASYNC124, ASYNC910  # runs as a step in trio
             holder.state, holder.conn = "returned", None
             self._putconn(conn)
             holder.give_back.set()

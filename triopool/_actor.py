@@ -58,6 +58,8 @@ _DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _OK = pq.ConnStatus.OK
 #: Most reads `alive` makes (a session's end is an error message, then end of stream).
 _PROBE_READS = 4
+_SEVERITY = pq.DiagnosticField.SEVERITY_NONLOCALIZED
+_SESSION_ENDING = (b"FATAL", b"PANIC")
 #: Bound of `check_connection`'s shielded restoring of autocommit.
 _RESTORE_TIMEOUT = 5.0
 
@@ -82,26 +84,42 @@ def outcome_of(conn: AnyConnection, *, reset: bool) -> Outcome:
 def alive(conn: AnyConnection) -> bool:
     """Whether an idle connection still looks usable, without waiting.
 
-    A server that ends a session (a terminated backend, a restart) sends an
-    error, then closes the socket.  Whatever there is to read on an idle
+    A server that ends a session (a terminated backend, a restart) sends a
+    FATAL error, then closes the socket.  Whatever there is to read on an idle
     connection is read (a ``poll``, and only if something is there, ``recv``
-    until nothing is left): the connection is dead if libpq then finds the
-    end of the stream, or the connection not idle.  A notification or a
-    notice leaves it alive.
+    until nothing is left) and parsed by libpq, which hands an error that
+    arrives outside a query to the notice handler.  The connection is dead if
+    a FATAL error came, or the end of the stream, or it is not idle.  A
+    notification or an ordinary notice leaves it alive (the notice goes on to
+    the connection's own handler).
     """
     pgconn = conn.pgconn
     if conn.closed or pgconn.status != _OK:
         return False
+    ended = False
+    handler = pgconn.notice_handler
+
+    def on_notice(notice: pq.abc.PGresult) -> None:
+        nonlocal ended
+        if notice.error_field(_SEVERITY) in _SESSION_ENDING:
+            ended = True
+        elif handler is not None:
+            handler(notice)
+
+    poller = select.poll()
+    pgconn.notice_handler = on_notice
     try:
-        poller = select.poll()
         poller.register(pgconn.socket, select.POLLIN)
         for _ in range(_PROBE_READS):
             if not poller.poll(0):
                 break
             pgconn.consume_input()  # OperationalError at the end of the stream
+            pgconn.is_busy()  # parses what came (notices go to the handler)
     except (psycopg.OperationalError, OSError):
         return False
-    return pgconn.status == _OK and pgconn.transaction_status == _IDLE
+    finally:
+        pgconn.notice_handler = handler
+    return not ended and pgconn.status == _OK and pgconn.transaction_status == _IDLE
 
 
 @asynccontextmanager
