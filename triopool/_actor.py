@@ -32,7 +32,8 @@ import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from traceback import StackSummary
+from typing import Any, Final, Protocol, TypeAlias
 
 import psycopg
 import trio
@@ -81,7 +82,7 @@ def outcome_of(conn: AnyConnection, *, reset: bool) -> Outcome:
     return BROKEN
 
 
-def alive(conn: AnyConnection) -> bool:
+def alive(conn: AnyConnection, poller: select.poll) -> bool:
     """Whether an idle connection still looks usable, without waiting.
 
     A server that ends a session (a terminated backend, a restart) sends a
@@ -91,7 +92,8 @@ def alive(conn: AnyConnection) -> bool:
     arrives outside a query to the notice handler.  The connection is dead if
     a FATAL error came, or the end of the stream, or it is not idle.  A
     notification or an ordinary notice leaves it alive (the notice goes on to
-    the connection's own handler).
+    the connection's own handler).  `poller` has the connection's socket
+    registered for reading.
     """
     pgconn = conn.pgconn
     if conn.closed or pgconn.status != _OK:
@@ -106,10 +108,13 @@ def alive(conn: AnyConnection) -> bool:
         elif handler is not None:
             handler(notice)
 
-    poller = select.poll()
+    try:
+        if not poller.poll(0):
+            return pgconn.transaction_status == _IDLE  # nothing came: the common case
+    except OSError:
+        return False
     pgconn.notice_handler = on_notice
     try:
-        poller.register(pgconn.socket, select.POLLIN)
         for _ in range(_PROBE_READS):
             if not poller.poll(0):
                 break
@@ -229,6 +234,14 @@ class Connector:
         return await self.connection_class.connect(conninfo, **kwargs)
 
 
+class Lease(Protocol):
+    """One loan of a connection: to whom, since when, from where (for leaks)."""
+
+    task: Task
+    at: float
+    stack: StackSummary | None
+
+
 # -- what the scheduler tells an actor ------------------------------------------
 
 
@@ -281,10 +294,9 @@ class ConnectionActor:
     """The task owning one slot's connection (see the module docstring).
 
     Attributes the scheduler and clients read or set (never across a
-    checkpoint of this actor): `conn` (once connected), `holder` (the task
-    holding the connection, set by the scheduler when it grants it, cleared
-    by the client giving it back), `lease` (what identifies one loan, set by
-    the client), `lent_at` and `stack` (for ``holders()`` and leak reports).
+    checkpoint of this actor): `conn` (once connected), `lease` (the loan of
+    the connection to a client: set by the scheduler when it lends it,
+    cleared when the client gives it back), `poller` (for `alive`).
     """
 
     __slots__ = (
@@ -292,23 +304,20 @@ class ConnectionActor:
         "_commands",
         "_connect_scope",
         "conn",
-        "holder",
         "lease",
-        "lent_at",
         "mailbox",
         "name",
+        "poller",
         "slot",
-        "stack",
     )
 
     def __init__(self, slot: int, name: str) -> None:
         self.slot = slot
         self.name = name
         self.conn: AnyConnection | None = None
-        self.holder: Task | None = None
-        self.lease: object = None
-        self.lent_at = 0.0
-        self.stack: object = None
+        self.lease: Lease | None = None
+        #: The connection's socket, registered for reading (see `alive`).
+        self.poller = select.poll()
         self.mailbox, self._commands = trio.open_memory_channel[Command](math.inf)
         self._connect_scope = trio.CancelScope()  # the attempt in progress
         self._close_requested = False
@@ -352,7 +361,7 @@ class ConnectionActor:
                     elif command is CHECK:
                         report(Checked(self, await self._check(self.conn, timeout)))
         finally:
-            if self.conn is not None and self.holder is None:
+            if self.conn is not None and self.lease is None:
                 self.conn._close_now()
             report(Ended(self))
 
@@ -376,6 +385,7 @@ class ConnectionActor:
                     report(ConnectFailed(self, ex))
                 else:
                     self.conn = conn
+                    self.poller.register(conn.pgconn.socket, select.POLLIN)
                     report(Connected(self, trio.current_time() - started))
                     return True
             if self._connect_scope.cancelled_caught:

@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, TypeAlias, TypeVar
 
 W = TypeVar("W", bound=Hashable)
 
@@ -116,7 +116,7 @@ class QueueFull(Exception):
     """``max_waiting`` clients are already waiting."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Grant(Generic[W]):
     """Hand slot `slot` to `waiter` (already removed from the queue)."""
 
@@ -124,14 +124,14 @@ class Grant(Generic[W]):
     slot: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reject(Generic[W]):
     """Fail `waiter` (already removed from the queue): the pool is closed."""
 
     waiter: W
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Expire(Generic[W]):
     """Fail `waiter` (already removed from the queue): its deadline passed.
 
@@ -142,7 +142,7 @@ class Expire(Generic[W]):
     waited: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Open:
     """Start connecting slot `slot` (connect, then report connected/failed).
 
@@ -154,30 +154,32 @@ class Open:
     after: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """Close slot `slot`'s connection (if any), then report closed."""
 
     slot: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reset:
     """Roll back / reset slot `slot`'s connection, then report reset_done."""
 
     slot: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Wake:
     """A timer deadline moved earlier: ask for `next_deadline()` again."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReconnectFailed:
     """A connection could not be established within reconnect_timeout."""
 
 
+# (Not frozen: a frozen dataclass costs three times as much to make, and a
+# Grant is made for nearly every request.  Nothing holds on to an action.)
 Action = Grant[W] | Reject[W] | Expire[W] | Open | Close | Reset | Wake | ReconnectFailed
 
 
@@ -214,15 +216,11 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
-@dataclass(slots=True)
-class _Waiter:
-    """A client waiting for a connection."""
-
-    since: float
-    deadline: float
-    #: Counted as queued (psycopg_pool's ``requests_queued``, ``requests_waiting``):
-    #: false for a null pool's request that has a connection opened for it at once.
-    queued: bool
+#: A client waiting for a connection: since when, until when, and whether it
+#: counts as queued (psycopg_pool's ``requests_queued``, ``requests_waiting``;
+#: not for a null pool's request that has a connection opened for it at once).
+#: (A tuple: made for every request that waits, it must be cheap.)
+_Waiter: TypeAlias = tuple[float, float, bool]
 
 
 @dataclass
@@ -370,7 +368,7 @@ class PoolPolicy(Generic[W]):
         if queued:
             self.counters.requests_queued += 1
             self._queued += 1
-        self._waiters[waiter] = _Waiter(now, deadline, queued)
+        self._waiters[waiter] = (now, deadline, queued)
         if deadline < math.inf:
             self._push_deadline(deadline, waiter, actions)
         self._grow(actions)
@@ -534,7 +532,7 @@ class PoolPolicy(Generic[W]):
                 waiter = self._waiters.pop(entry[2])
                 self._left_queue(waiter, now)
                 self.counters.requests_errors += 1
-                actions.append(Expire(entry[2], waiter.deadline - waiter.since))
+                actions.append(Expire(entry[2], waiter[1] - waiter[0]))
         for slot_id in list(self._idle):
             slot = self.slots[slot_id]
             if slot.expires_at <= now:
@@ -624,9 +622,10 @@ class PoolPolicy(Generic[W]):
 
     def _left_queue(self, waiter: _Waiter, now: float) -> None:
         """Book-keeping for a waiter leaving the queue (served, expired, cancelled)."""
-        if waiter.queued:
+        since, _, queued = waiter
+        if queued:
             self._queued -= 1
-            self.counters.requests_wait_ms += _ms(now - waiter.since)
+            self.counters.requests_wait_ms += _ms(now - since)
 
     def _dispatch(
         self, slot: Slot, now: float, actions: list[Action[W]], *, fresh: bool = False
@@ -635,11 +634,12 @@ class PoolPolicy(Generic[W]):
 
         `fresh`: it was just made, so it serves a waiter even if expired.
         """
+        max_size = self.max_size
         if (
             self.closed
             or slot.generation != self._generation
             or (slot.expires_at <= now and not (fresh and self._waiters))
-            or (self.max_size is not None and self._staying() > self.max_size)
+            or (max_size is not None and len(self.slots) - self._closing > max_size)
         ):
             self._close(slot, actions)
             self._refill(actions)
@@ -666,7 +666,7 @@ class PoolPolicy(Generic[W]):
     def _queued_with(self, entry: tuple[float, int, W]) -> bool:
         """Is `entry` (of `_deadlines`) the deadline of a waiter still queued?"""
         waiter = self._waiters.get(entry[2])
-        return waiter is not None and waiter.deadline == entry[0]
+        return waiter is not None and waiter[1] == entry[0]
 
     def _push_deadline(self, deadline: float, waiter: W, actions: list[Action[W]]) -> None:
         if len(self._deadlines) > 2 * len(self._waiters) + 64:

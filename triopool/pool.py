@@ -25,7 +25,6 @@ import random
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, LiteralString, NoReturn, TypeAlias
 
@@ -35,7 +34,13 @@ from psycopg import pq, sql
 from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
-from trio.lowlevel import Task, checkpoint, checkpoint_if_cancelled, current_task
+from trio.lowlevel import (
+    cancel_shielded_checkpoint,
+    checkpoint,
+    checkpoint_if_cancelled,
+    current_task,
+    wait_task_rescheduled,
+)
 
 from ._actor import (
     AnyConnection,
@@ -96,15 +101,6 @@ def _check_seconds(
 def _check_callable(name: str, value: object) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be callable or None, got {type(value).__name__}")
-
-
-@dataclass(eq=False, slots=True)
-class _Lease:
-    """One loan of a connection to a client (its identity tells loans apart)."""
-
-    task: Task
-    lent_at: float
-    stack: traceback.StackSummary | None
 
 
 class ConnectionPool:
@@ -390,6 +386,7 @@ class ConnectionPool:
             return
         if not self._closing.is_set():
             self._closing.set()
+            self._scheduler.closing = True
             try:
                 self._scheduler.tell(Shutdown(wait_for))
             except PoolClosed:
@@ -479,21 +476,32 @@ class ConnectionPool:
             PoolClosed: the pool is closed, or was closed while waiting.
             RuntimeError: not called from a trio task.
         """
-        require_trio("ConnectionPool.getconn")
-        await checkpoint_if_cancelled()
+        try:
+            task = current_task()
+        except RuntimeError:
+            require_trio("ConnectionPool.getconn")
+            raise
         wait_for = self._request_timeout(timeout)
-        scheduler = self._scheduler
         if not self._opened:
             raise PoolClosed(f"the pool {self.name!r} is not open")
-        now = trio.current_time()
+        scheduler = self._scheduler
+        clock = scheduler.clock
+        now = clock.current_time()
         deadline = now + wait_for
         failed_checks: Backoff | None = None  # after the first failed check
-        while True:  # noqa: ASYNC913  # each turn awaits the scheduler
-            actor = await scheduler.acquire(deadline)
+        while True:  # noqa: ASYNC913  # each turn awaits the scheduler or checkpoints
+            lent = scheduler.lend_idle(task, now)
+            if lent is None:
+                request = scheduler.submit(task, now, deadline)
+                actor: ConnectionActor = await wait_task_rescheduled(request.abort)
+            else:
+                actor = lent
+                await cancel_shielded_checkpoint()  # a scheduling point that keeps the loan
             conn = actor.conn
             assert conn is not None
             if self._check is None:
-                self._lend(actor)
+                if self.leak_timeout < math.inf:
+                    self._watch(actor)
                 return conn
             try:
                 with trio.move_on_at(deadline) as scope:
@@ -510,7 +518,8 @@ class ConnectionPool:
                 if scope.cancelled_caught:
                     scheduler.release(actor, self._outcome(conn), by_pool=True)
                     raise self._timeout_error(wait_for)
-                self._lend(actor)
+                if self.leak_timeout < math.inf:
+                    self._watch(actor)
                 return conn
             # The check failed: try another connection, backing off after the first.
             if failed_checks is None:
@@ -540,22 +549,19 @@ class ConnectionPool:
         finally:
             conn.cancel_timeout = polite
 
-    def _lend(self, actor: ConnectionActor) -> None:
-        """Record the loan of `actor`'s connection (for `holders` and leak detection)."""
-        now = trio.current_time()
-        if self.leak_timeout < math.inf:
-            stack = traceback.StackSummary.from_list(traceback.extract_stack()[:-2])
-            actor.lease = _Lease(current_task(), now, stack)
-            if self._leak_watch_at == math.inf:
-                self._leak_wake.set()
-        else:
-            actor.lease = _Lease(current_task(), now, None)
+    def _watch(self, actor: ConnectionActor) -> None:
+        """Record where `actor`'s connection was taken, for the leak watch."""
+        lease = actor.lease
+        assert lease is not None
+        lease.stack = traceback.StackSummary.from_list(traceback.extract_stack()[:-2])
+        if self._leak_watch_at == math.inf:
+            self._leak_wake.set()
 
     def _timeout_error(self, wait_for: float) -> PoolTimeout:
         """psycopg_pool's message, then what the pool looked like."""
         policy = self._policy
         cause = policy.last_error
-        lent = sum(1 for actor in self._scheduler.actors.values() if actor.holder is not None)
+        lent = sum(1 for actor in self._scheduler.actors.values() if actor.lease is not None)
         details = (
             f"pool {self.name!r}: {policy.size} connections, {policy.available} idle,"
             f" {lent} lent, {policy.count(SlotState.CONNECTING)} connecting;"
@@ -582,8 +588,8 @@ class ConnectionPool:
             ValueError: `conn` is not currently lent by this pool (a foreign
                 connection, or one already returned).
         """
-        actor = self._lent_actor(conn)
-        if actor is None:
+        actor = self._scheduler.actor_of(conn)
+        if actor is None or actor.lease is None:
             raise ValueError(f"can't return connection to pool {self.name!r}: it is not lent by it")
         self._put_back(actor, conn)
 
@@ -695,26 +701,19 @@ class ConnectionPool:
         async with self.connection(timeout) as conn, autocommit(conn):
             yield conn
 
-    def _lent_actor(self, conn: AnyConnection) -> ConnectionActor | None:
-        """The actor of `conn` if this pool lends it now to a client."""
-        actor = self._scheduler.actor_of(conn)
-        if actor is None or actor.lease is None:
-            return None
-        return actor
-
     def _put_back(self, actor: ConnectionActor, conn: AnyConnection) -> None:
         """`conn`, lent to a user, comes back."""
-        lease = actor.lease
-        assert isinstance(lease, _Lease)
-        if actor in self._leaks_reported:
+        if self._leaks_reported and actor in self._leaks_reported:
+            lease = actor.lease
+            assert lease is not None
             self._leaks_reported.discard(actor)
             self._log(
                 logging.INFO,
                 "connection acquired by task %r returned after %.1f sec",
                 lease.task.name,
-                trio.current_time() - lease.lent_at,
+                trio.current_time() - lease.at,
             )
-        self._scheduler.release(actor, self._outcome(conn))
+        self._scheduler.release(actor, outcome_of(conn, reset=self._reset is not None))
 
     def _outcome(self, conn: AnyConnection) -> Outcome:
         return outcome_of(conn, reset=self._reset is not None)
@@ -730,9 +729,9 @@ class ConnectionPool:
         """Who holds the connections lent out now, longest held first."""
         now = trio.current_time()
         holders = [
-            Holder(lease.task.name, now - lease.lent_at)
+            Holder(lease.task.name, now - lease.at)
             for actor in self._scheduler.actors.values()
-            if isinstance(lease := actor.lease, _Lease)
+            if (lease := actor.lease) is not None
         ]
         return sorted(holders, key=lambda holder: -holder.held_for)
 
@@ -874,11 +873,11 @@ class ConnectionPool:
             leases = [
                 (actor, lease)
                 for actor in self._scheduler.actors.values()
-                if isinstance(lease := actor.lease, _Lease)
+                if (lease := actor.lease) is not None
             ]
             self._leak_watch_at = min(
                 (
-                    lease.lent_at + self.leak_timeout
+                    lease.at + self.leak_timeout
                     for actor, lease in leases
                     if actor not in self._leaks_reported
                 ),
@@ -891,7 +890,7 @@ class ConnectionPool:
                 if (
                     actor.lease is lease
                     and actor not in self._leaks_reported
-                    and lease.lent_at + self.leak_timeout <= now
+                    and lease.at + self.leak_timeout <= now
                 ):
                     self._leaks_reported.add(actor)
                     self._log(
