@@ -257,9 +257,11 @@ class Scheduler:
         the numbers).  Under load the inbox is rarely empty and this path is
         rarely taken.
         """
+        if self._pending or self.closing or self.stopped:
+            return None
         policy = self.policy
         slot = policy.next_idle()
-        if slot is None or self._pending or self.closing or self.stopped:
+        if slot is None:
             return None
         actor = self.actors[slot]
         if actor.conn is None or not alive(actor.conn, actor.poller):

@@ -476,6 +476,12 @@ class ConnectionPool:
             PoolClosed: the pool is closed, or was closed while waiting.
             RuntimeError: not called from a trio task.
         """
+        actor = await self._borrow(timeout)
+        assert actor.conn is not None
+        return actor.conn
+
+    async def _borrow(self, timeout: float | None) -> ConnectionActor:  # noqa: ASYNC109
+        """`getconn`, returning the actor whose connection is lent (see there)."""
         try:
             task = current_task()
         except RuntimeError:
@@ -502,7 +508,7 @@ class ConnectionPool:
             if self._check is None:
                 if self.leak_timeout < math.inf:
                     self._watch(actor)
-                return conn
+                return actor
             try:
                 with trio.move_on_at(deadline) as scope:
                     await self._run_check(conn)
@@ -520,7 +526,7 @@ class ConnectionPool:
                     raise self._timeout_error(wait_for)
                 if self.leak_timeout < math.inf:
                     self._watch(actor)
-                return conn
+                return actor
             # The check failed: try another connection, backing off after the first.
             if failed_checks is None:
                 failed_checks = self._policy.retry_delays()
@@ -915,11 +921,10 @@ class _PooledConnection:
         self._lease: object = None
 
     async def __aenter__(self) -> AnyConnection:
-        pool = self._pool
-        self._conn = conn = await pool.getconn(self._timeout)
-        self._actor = actor = pool._scheduler.actor_of(conn)
-        assert actor is not None
+        self._actor = actor = await self._pool._borrow(self._timeout)
         self._lease = actor.lease  # identifies this loan of the connection
+        self._conn = conn = actor.conn
+        assert conn is not None
         return conn
 
     async def __aexit__(  # noqa: ASYNC910  # leaving without a transaction does not wait, by design
