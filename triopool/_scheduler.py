@@ -212,7 +212,8 @@ class Scheduler:
         self._checks: dict[int, CheckIdle] = {}  # slot -> the CheckIdle it is part of
         self._ready_waiters: list[trio.Event] = []
         self._close_deadline = math.inf
-        self._pending = 0  # messages sent, not handled yet (see `lend_idle`)
+        #: Messages sent and not handled yet (the bypass needs none: `lend_idle`).
+        self.pending = 0
         #: Set (by the pool) as soon as it is told to close: nothing more is lent.
         self.closing = False
         #: The trio run's clock (set by the pool when it opens, before any request).
@@ -237,8 +238,11 @@ class Scheduler:
             PoolClosed: the scheduler has stopped.
         """
         request = Request(task, now, deadline, self._post)
-        if not self._post(request):
-            raise PoolClosed(f"the pool {self.name!r} is closed")
+        try:  # (`_post`, inline: this is every request's path)
+            self._inbox.send_nowait(request)
+        except trio.ClosedResourceError:
+            raise PoolClosed(f"the pool {self.name!r} is closed") from None
+        self.pending += 1
         return request
 
     def lend_idle(self, task: Task, now: float) -> ConnectionActor | None:
@@ -257,7 +261,7 @@ class Scheduler:
         the numbers).  Under load the inbox is rarely empty and this path is
         rarely taken.
         """
-        if self._pending or self.closing or self.stopped:
+        if self.pending or self.closing or self.stopped:
             return None
         policy = self.policy
         slot = policy.next_idle()
@@ -279,8 +283,12 @@ class Scheduler:
         """
         actor.lease = None
         now = self.clock.current_time()
-        if not self._post(Release(actor, outcome, by_pool, now)):  # stopped: closed here
+        try:  # (`_post`, inline: this is every request's path)
+            self._inbox.send_nowait(Release(actor, outcome, by_pool, now))
+        except trio.ClosedResourceError:  # stopped: closed here
             self.settle(self.policy.release(actor.slot, now, outcome, by_pool=by_pool), now)
+        else:
+            self.pending += 1
 
     def actor_of(self, conn: AnyConnection) -> ConnectionActor | None:
         """The actor owning `conn` (None if it is not this pool's, or closed)."""
@@ -301,7 +309,7 @@ class Scheduler:
             self._inbox.send_nowait(message)
         except trio.ClosedResourceError:
             return False
-        self._pending += 1
+        self.pending += 1
         return True
 
     async def call(self, message: Resize | Drain | CheckIdle | WaitReady) -> None:
@@ -374,7 +382,7 @@ class Scheduler:
 
     def _handle(self, message: object, now: float) -> None:
         """Feed one message to the policy and carry out what it decides."""
-        self._pending -= 1
+        self.pending -= 1
         policy = self.policy
         match message:  # the frequent ones first
             case Request():
