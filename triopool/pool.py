@@ -63,6 +63,9 @@ __all__ = ["ConnectionPool", "NullConnectionPool", "open_pool"]
 logger = logging.getLogger("triopool")
 
 _DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+#: Where leaving `ConnectionPool.connection` ends the transaction: ACTIVE too (another
+#: task's command runs on the connection: the exit waits for it, then commits).
+_UNFINISHED_STATES = (*_DIRTY_STATES, pq.TransactionStatus.ACTIVE)
 #: The SQLSTATE that shows a failover: a write refused by a server that became
 #: a standby (``read_only_sql_transaction``).
 _FAILOVER_SQLSTATE = "25006"
@@ -73,11 +76,20 @@ Query: TypeAlias = LiteralString | bytes | sql.SQL | sql.Composed
 _pool_numbers = iter(range(1, 1 << 62))
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+#: Most connections a pool keeps open (``min_size``): PostgreSQL's ``MAX_BACKENDS``,
+#: the most any server accepts.  ``min_size`` connections are opened at once, so
+#: a bigger one could only exhaust memory and sockets (``max_size`` is reached on
+#: demand only, and has no bound).
+MAX_MIN_SIZE = 2**18 - 1
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -88,9 +100,13 @@ def _check_seconds(
         return math.inf
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if math.isnan(value) or value < 0 or (positive and value == 0):
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too big for a float: longer than any float of seconds
+        seconds = math.inf if value > 0 else -math.inf
+    if math.isnan(seconds) or seconds < 0 or (positive and seconds == 0):
         raise ValueError(f"{name} must be {'>' if positive else '>='} 0, got {value}")
-    return float(value)
+    return seconds
 
 
 def _check_callable(name: str, value: object) -> None:
@@ -133,12 +149,16 @@ class ConnectionPool:
         check: ``async def check(conn)``, run before a connection is handed
             out; if it raises, the connection is discarded and the client gets
             another.  `ConnectionPool.check_connection` is a ready-made one.
-        min_size: connections kept open.
-        max_size: most connections open (``None``: ``min_size``).
+        min_size: connections kept open (opened at once, so at most
+            262143, PostgreSQL's ``MAX_BACKENDS``).
+        max_size: most connections open (``None``: ``min_size``); reached
+            only on demand.
         name: used in logs (default ``pool-1``, ``pool-2``...).
         timeout: default seconds a client waits for a connection; also the
             bound of each connection attempt (connect and ``configure``) and
-            of each ``reset``.
+            of each ``reset``, so it must be > 0 (a request's own ``timeout``
+            may be 0).  Seconds elsewhere may be ``math.inf``; an int too
+            big for a float counts as ``math.inf``.
         max_waiting: most clients queued (0: no limit); past it,
             `TooManyRequests`.
         max_lifetime: seconds after which a connection is replaced (each
@@ -215,7 +235,8 @@ class ConnectionPool:
         self.kwargs = kwargs
         self.connection_class = connection_class
         self.name: str = name or f"pool-{next(_pool_numbers)}"
-        self.timeout = _check_seconds("timeout", timeout)
+        # > 0: it also bounds every connection attempt (a request may still pass 0).
+        self.timeout = _check_seconds("timeout", timeout, positive=True)
         self.max_waiting = _check_int("max_waiting", max_waiting, 0)
         self.max_lifetime = _check_seconds("max_lifetime", max_lifetime, positive=True)
         self.max_idle = _check_seconds("max_idle", max_idle)
@@ -262,7 +283,7 @@ class ConnectionPool:
     # -- sizes ----------------------------------------------------------------
 
     def _check_sizes(self, min_size: object, max_size: object) -> tuple[int, int]:
-        min_size = _check_int("min_size", min_size, 0)
+        min_size = _check_int("min_size", min_size, 0, MAX_MIN_SIZE)
         if max_size is None:
             max_size = min_size
         max_size = _check_int("max_size", max_size, 0)
@@ -510,6 +531,9 @@ class ConnectionPool:
                 if scope.cancelled_caught:
                     scheduler.release(actor, self._outcome(conn), by_pool=True)
                     raise self._timeout_error(wait_for)
+                if self.closed:  # closed while checking: a waiting request fails
+                    scheduler.release(actor, self._outcome(conn), by_pool=True)
+                    raise PoolClosed(f"the pool {self.name!r} is closed")
                 self._lend(actor)
                 return conn
             # The check failed: try another connection, backing off after the first.
@@ -605,6 +629,9 @@ class ConnectionPool:
     ) -> list[Any]:
         """Run one statement on a pooled connection; return all its rows.
 
+        A statement that returns no rows (an ``INSERT`` without ``RETURNING``,
+        DDL) returns ``[]``: it succeeded (and was committed).
+
         The statement is its own transaction, committed if it succeeds (whatever
         the connections' ``autocommit``), and its rows are all read before this
         returns (rows as the connections' row factory makes them).  `timeout`
@@ -622,7 +649,7 @@ class ConnectionPool:
         """
         async with self._one_shot(timeout) as conn:
             cur = await conn.execute(query, params)
-            return await cur.fetchall()
+            return [] if cur.description is None else await cur.fetchall()
 
     async def fetchrow(
         self,
@@ -634,7 +661,7 @@ class ConnectionPool:
         """As `fetch`, but return the first row, or None if there is none."""
         async with self._one_shot(timeout) as conn:
             cur = await conn.execute(query, params)
-            return await cur.fetchone()
+            return None if cur.description is None else await cur.fetchone()
 
     async def fetchval(
         self,
@@ -643,14 +670,14 @@ class ConnectionPool:
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
-        """As `fetch`, but return the first column of the first row (None if no row).
+        """As `fetch`, but return the first column of the first row (None if no row or column).
 
         The value is the same whatever the connections' row factory.
         """
         async with self._one_shot(timeout) as conn:
             cur = await conn.cursor(row_factory=tuple_row).execute(query, params)
-            row = await cur.fetchone()
-            return None if row is None else row[0]
+            row = None if cur.description is None else await cur.fetchone()
+            return row[0] if row else None  # no row, or a row of no column
 
     async def execute(
         self,
@@ -939,7 +966,7 @@ class _PooledConnection:
         if isinstance(exc_val, psycopg.Error) and exc_val.sqlstate == _FAILOVER_SQLSTATE:
             pool._failover_suspected(actor)
         try:
-            if conn.pgconn.transaction_status in _DIRTY_STATES and not conn.closed:
+            if conn.pgconn.transaction_status in _UNFINISHED_STATES and not conn.closed:
                 await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back  # noqa: ASYNC102  # commit after success stays cancellable; rollback is shielded
         finally:
             # Unless given back meanwhile (another task closing it, say):
