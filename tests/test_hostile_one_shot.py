@@ -164,13 +164,13 @@ async def test_one_shot_calls_on_pools_not_open_or_closed(
             await call()
     async with real_pool(
         postgres_server, name, pool_class, min_size=min_for(pool_class, 1), max_size=1
-    ) as pool:
-        await pool.close()
+    ) as opened:
+        await opened.close()
         for call in [
-            lambda: pool.fetch("SELECT 1"),
-            lambda: pool.fetchval("SELECT 1"),
-            lambda: pool.execute("SELECT 1"),
-            lambda: pool.executemany("SELECT %s", [(1,)]),
+            lambda: opened.fetch("SELECT 1"),
+            lambda: opened.fetchval("SELECT 1"),
+            lambda: opened.execute("SELECT 1"),
+            lambda: opened.executemany("SELECT %s", [(1,)]),
         ]:
             with trio.fail_after(1.0), pytest.raises(PoolClosed):
                 await call()
