@@ -189,9 +189,14 @@ class Connector:
         conninfo = self.conninfo
         if callable(conninfo):
             conninfo = await maybe_await(conninfo())
+            if not isinstance(conninfo, str):
+                returned = type(conninfo).__name__
+                raise TypeError(f"the conninfo callable returned {returned}, not str")
         kwargs = self.kwargs
         if callable(kwargs):
             kwargs = await maybe_await(kwargs())
+            if not (kwargs is None or isinstance(kwargs, Mapping)):
+                raise TypeError(f"the kwargs callable returned {type(kwargs).__name__}, not a dict")
         return conninfo, dict(kwargs or {})  # noqa: ASYNC910  # nothing to wait for unless callables are async
 
     async def connect(self) -> AnyConnection:

@@ -519,6 +519,8 @@ class ConnectionPool:
             try:
                 with trio.move_on_at(deadline) as scope:
                     await self._run_check(conn)
+                    if self._outcome(conn) is BROKEN:  # closed or broken, yet no error
+                        raise psycopg.OperationalError("the check left the connection unusable")
             except Exception as ex:
                 self._log(logging.WARNING, "connection failed check, discarding it: %s", ex)
                 scheduler.release(actor, BROKEN, by_pool=True)
