@@ -93,12 +93,9 @@ async def test_give_back_twice_foreign_and_bad_timeouts(postgres_dsn: str) -> No
         await apool.putconn(view)
         with pytest.raises(ValueError, match="not lent"):
             await apool.putconn(view)
-        foreign = await psycopg.AsyncConnection.connect(postgres_dsn)
-        try:
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as foreign:
             with pytest.raises(ValueError, match="not lent"):
                 await apool.putconn(foreign)
-        finally:
-            await foreign.close()
         for timeout, error in [("1", TypeError), (True, TypeError), (-1, ValueError)]:
             with pytest.raises(error, match="timeout"):
                 await apool.getconn(timeout=timeout)  # type: ignore[arg-type]  # hostile
