@@ -104,6 +104,20 @@ def test_wrong_types_and_values_name_the_parameter(
         pool_class("", **options)
 
 
+async def test_tiny_pool_timeout_fails_attempts_without_a_busy_loop(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The pool's ``timeout`` tiny but > 0 (1e-9): every connection attempt times
+    out, the client gets `PoolTimeout` saying so, and the attempts back off (1 s,
+    2 s, 4 s...): a handful in 10 s, not a busy loop."""
+    server = FakeServer(connect_delay=0.001)
+    async with fake_pool(server, min_size=1, max_size=1, timeout=1e-9) as pool:
+        with pytest.raises(PoolTimeout) as info:
+            await pool.getconn(timeout=10.0)
+        assert "not complete after 1e-09 sec" in str(info.value.__cause__)
+    assert 2 <= len(server.attempts) <= 5
+
+
 # -- infinite and huge values work ---------------------------------------------------------
 
 

@@ -231,6 +231,46 @@ async def test_putconn_twice_at_once(postgres_server: Server, name: str) -> None
         await pool.putconn(one)
 
 
+async def test_one_connection_block_entered_by_two_tasks(
+    postgres_server: Server, name: str
+) -> None:
+    """One ``pool.connection()`` context manager entered by a second task while the
+    first is inside: `RuntimeError` at once.  It used to take a second connection
+    and overwrite the first loan: the first task's exit gave back the second's
+    connection while in use, the second's exit failed with a bare AssertionError,
+    and the first connection stayed lent forever.  Used again once left: fine."""
+    async with real_pool(postgres_server, name, min_size=2, max_size=2) as pool:
+        block = pool.connection()
+        inside, second_tried = trio.Event(), trio.Event()
+        errors: list[BaseException] = []
+
+        async def first() -> None:
+            async with block as conn:
+                inside.set()
+                await second_tried.wait()
+                await conn.execute("SELECT 1")
+
+        async def second() -> None:
+            await inside.wait()
+            try:
+                async with block:
+                    pytest.fail("entered twice")
+            except RuntimeError as error:
+                errors.append(error)
+            second_tried.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            nursery.start_soon(second)
+        assert len(errors) == 1
+        assert "in use already" in str(errors[0])
+        for _ in range(2):
+            async with block as conn:
+                await conn.execute("SELECT 1")
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.status() == PoolStatus(2, 2, 2, 0)
+
+
 # -- a pool closed, entered, run twice ----------------------------------------------------------
 
 

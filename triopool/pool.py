@@ -933,9 +933,13 @@ class ConnectionPool:
 
 
 class _PooledConnection:
-    """The async context manager returned by `ConnectionPool.connection`."""
+    """The async context manager returned by `ConnectionPool.connection`.
 
-    __slots__ = ("_actor", "_conn", "_lease", "_pool", "_timeout")
+    One block at a time: entering it again before it is left (from another
+    task, say) raises `RuntimeError`, as its exit would give back the wrong loan.
+    """
+
+    __slots__ = ("_actor", "_busy", "_conn", "_lease", "_pool", "_timeout")
 
     def __init__(self, pool: ConnectionPool, timeout: float | None) -> None:
         self._pool = pool
@@ -943,10 +947,21 @@ class _PooledConnection:
         self._conn: AnyConnection | None = None
         self._actor: ConnectionActor | None = None
         self._lease: object = None
+        self._busy = False
 
     async def __aenter__(self) -> AnyConnection:
+        if self._busy:
+            raise RuntimeError(
+                "this pool.connection() context manager is in use already:"
+                " call pool.connection() for each block"
+            )
         pool = self._pool
-        self._conn = conn = await pool.getconn(self._timeout)
+        self._busy = True
+        try:
+            self._conn = conn = await pool.getconn(self._timeout)
+        except BaseException:
+            self._busy = False
+            raise
         self._actor = actor = pool._scheduler.actor_of(conn)
         assert actor is not None
         self._lease = actor.lease  # identifies this loan of the connection
@@ -959,10 +974,24 @@ class _PooledConnection:
         exc_tb: TracebackType | None,
     ) -> None:
         conn, self._conn = self._conn, None
-        actor = self._actor
+        actor, lease = self._actor, self._lease
         assert conn is not None
         assert actor is not None
-        if actor.lease is not self._lease:
+        try:
+            await self._leave(conn, actor, lease, exc_type, exc_val, exc_tb)  # noqa: ASYNC102  # _leave shields what must be
+        finally:
+            self._busy = False
+
+    async def _leave(  # noqa: ASYNC910  # leaving without a transaction does not wait, by design
+        self,
+        conn: AnyConnection,
+        actor: ConnectionActor,
+        lease: object,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if actor.lease is not lease:
             return  # noqa: ASYNC910  # the block gave it back (``close_returns``): not ours
         pool = self._pool
         if isinstance(exc_val, psycopg.Error) and exc_val.sqlstate == _FAILOVER_SQLSTATE:
@@ -972,7 +1001,7 @@ class _PooledConnection:
                 await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back  # noqa: ASYNC102  # commit after success stays cancellable; rollback is shielded
         finally:
             # Unless given back meanwhile (another task closing it, say):
-            if actor.lease is self._lease:
+            if actor.lease is lease:
                 pool._put_back(actor, conn)
 
 
