@@ -244,6 +244,18 @@ async def test_close_with_no_time_leaves_nothing(
         assert held.closed
 
 
+async def test_null_pool_wait_with_no_time(postgres_server: Server, name: str) -> None:
+    """``NullConnectionPool.wait(0)`` opens a test connection in no time: it could
+    only fail, and it used to close the pool for it.  A `ValueError` now (as for
+    its ``getconn(timeout=0)``), the pool left open and serving."""
+    async with real_pool(postgres_server, name, NullConnectionPool, max_size=1) as pool:
+        with pytest.raises(ValueError, match="timeout must be > 0"):
+            await pool.wait(0)
+        assert not pool.closed
+        await pool.wait(WITHIN)
+        assert await pool.fetchval("SELECT 1") == 1
+
+
 async def test_tiny_request_timeout_behaves_as_zero(postgres_server: Server, name: str) -> None:
     """A request ``timeout`` of 1e-12 (below the clock's resolution): served by an
     idle connection, else `PoolTimeout` at once, and the pool still grows for it

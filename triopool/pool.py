@@ -1062,8 +1062,14 @@ class NullConnectionPool(ConnectionPool):
             PoolTimeout: it could not be opened in time (the pool is closed;
                 the connection error is the ``__cause__``).
             PoolClosed: the pool is closed or not open.
+            ValueError: ``timeout`` is 0 (no connection can be opened in no
+                time; the pool is left open).
         """
         wait_for = _check_seconds("timeout", timeout)
+        if wait_for == 0:  # as for getconn: it could only fail, and close the pool
+            raise ValueError(
+                "timeout must be > 0 for a NullConnectionPool's wait: it opens a connection"
+            )
         self._check_open()
         error: Exception | None = None
         started = trio.current_time()
