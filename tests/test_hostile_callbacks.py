@@ -208,8 +208,9 @@ async def test_reconnect_failed_callback(
     autojump_clock: trio.testing.MockClock, behaviour: str
 ) -> None:
     """``reconnect_failed`` raising is logged and the pool keeps trying; one that
-    hangs holds nothing up (the pool closes at once); a BaseException ends the
-    pool's block, alone."""
+    hangs is cut after the pool's ``timeout`` (it used to stay, one more task per
+    round of failed attempts for as long as the server was down) and holds
+    nothing up; a BaseException ends the pool's block, alone."""
     server = FakeServer(down=True)
     calls = 0
 
@@ -220,16 +221,23 @@ async def test_reconnect_failed_callback(
             raise Boom
         raise Stop
 
+    cut = 0
+
     async def hanging(pool: ConnectionPool) -> None:
-        nonlocal calls
+        nonlocal calls, cut
         calls += 1
-        await trio.sleep_forever()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cut += 1
+            raise
 
     callback = hanging if behaviour == "hangs" else sync_callback
     pool = ConnectionPool(
         kwargs={"server": server},
         connection_class=FakeConnection,
         min_size=1,
+        timeout=5.0,
         reconnect_timeout=2.0,
         reconnect_failed=callback,
     )
@@ -242,6 +250,8 @@ async def test_reconnect_failed_callback(
     async with pool:
         await trio.sleep(30.0)
         assert calls >= 5
+        if behaviour == "hangs":  # each cut after the pool's timeout: they do not pile up
+            assert cut >= calls - 2
         closing = trio.current_time()
     assert trio.current_time() == closing  # nothing to wait for
     server.down = False

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from _hostile_helpers import name as name
 from _pool_checks import Server
 
 from triopool import ConnectionPool, NullConnectionPool, PoolStatus, PoolTimeout
+from triopool._policy import PoolPolicy
 
 SECONDS = ["timeout", "max_lifetime", "max_idle", "reconnect_timeout", "leak_timeout"]
 
@@ -171,6 +173,31 @@ async def test_huge_max_size_grows_on_demand_only(postgres_server: Server, name:
             release.set()
         await pool.resize(1, 10**18)
         assert pool.status().max_size == 10**18
+
+
+@pytest.mark.xfail(
+    strict=True, reason="hostile: each request costs O(size): a burst on a big pool is quadratic"
+)
+def test_a_burst_of_requests_costs_linear_time() -> None:
+    """A null pool with no limit (or ``max_size`` 10**18) opens a connection per
+    waiting request, and each request counts the connections coming for waiters
+    by walking every slot (``PoolPolicy._incoming``): a burst of n requests costs
+    O(n**2) in the scheduler, which blocks the event loop (4000 requests: ~2 s
+    in the policy alone, ~8 s through the pool with fake connections).  Counted
+    8 times as many requests must cost about 8 times as much, not 64."""
+
+    def burst(requests: int) -> float:
+        policy: PoolPolicy[int] = PoolPolicy(min_size=0, max_size=None, keep_idle=False)
+        policy.open()
+        started = time.perf_counter()
+        for waiter in range(requests):
+            policy.request(waiter, 0.0)
+        return time.perf_counter() - started
+
+    burst(100)  # warm up
+    small = min(burst(250) for _ in range(3))
+    big = burst(2000)
+    assert big < 24 * small, f"{big / small:.0f} times the time for 8 times the requests"
 
 
 async def test_min_size_beyond_any_server_refused_by_resize(

@@ -171,7 +171,8 @@ class ConnectionPool:
             connection attempt is abandoned and ``reconnect_failed`` called;
             a new attempt then starts after a backoff delay (about 1 s), so
             even 0 makes no busy loop.
-        reconnect_failed: ``reconnect_failed(pool)``, sync or async.
+        reconnect_failed: ``reconnect_failed(pool)``, sync or async (cut
+            after ``timeout``).
         close_returns: if true, ``await conn.close()`` on a lent connection
             returns it to the pool.
         leak_timeout: seconds a connection may stay lent before a warning is
@@ -890,11 +891,16 @@ class ConnectionPool:
             self._nursery.start_soon(self._call_reconnect_failed)
 
     async def _call_reconnect_failed(self) -> None:  # noqa: ASYNC910  # a background task
-        try:
-            assert self._reconnect_failed is not None
-            await maybe_await(self._reconnect_failed(self))
-        except Exception:
-            logger.exception("%s: error in reconnect_failed callback", self.name)
+        # Bounded as the other callbacks: one that hangs must not pile up a
+        # task per round of failed attempts for as long as the server is down.
+        with trio.move_on_after(self.timeout) as scope:  # noqa: ASYNC912  # the callback is the cancel point
+            try:
+                assert self._reconnect_failed is not None
+                await maybe_await(self._reconnect_failed(self))
+            except Exception:
+                logger.exception("%s: error in reconnect_failed callback", self.name)
+        if scope.cancelled_caught:
+            self._log(logging.WARNING, "reconnect_failed callback cut after %s sec", self.timeout)
 
     async def _watch_leaks(self) -> NoReturn:
         """Warn once about each connection lent for longer than leak_timeout."""
