@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 import trio_asyncio
+from _fault_helpers import until
 
 import triopool
 from triopool.aio import AsyncioPool
@@ -40,8 +41,7 @@ async def with_asyncio(dsn: str, code: Code, **options: Any) -> triopool.Connect
             await trio.testing.wait_all_tasks_blocked()
             assert pool.holders() == []
             if not pool.closed:
-                await pool.wait(5)
-                assert pool.status() == triopool.PoolStatus(1, 1, 1, 0)
+                await until(lambda: pool.status() == triopool.PoolStatus(1, 1, 1, 0), 5, "idle")
                 assert await pool.fetchval("SELECT 1") == 1
     return pool
 
