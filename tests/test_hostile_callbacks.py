@@ -268,7 +268,7 @@ async def test_sync_callbacks_where_async_ones_are_expected(
     def configure(conn: Any) -> None:
         pass
 
-    async with fake_pool(server, min_size=1, max_size=1, configure=configure) as pool:  # type: ignore[arg-type]  # a careless user
+    async with fake_pool(server, min_size=1, max_size=1, configure=configure) as pool:
         with pytest.raises(PoolTimeout) as info:
             await pool.getconn(timeout=2.0)
         assert isinstance(info.value.__cause__, TypeError)

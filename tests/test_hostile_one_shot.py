@@ -10,7 +10,7 @@ stays open, and the next client gets a connection as the pool configures it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -152,7 +152,7 @@ async def test_one_shot_calls_on_pools_not_open_or_closed(
 ) -> None:
     """Before opening and after closing, each call is a `PoolClosed`, at once."""
     pool = pool_class(postgres_server.dsn, min_size=min_for(pool_class, 1), max_size=1)
-    calls: list[Any] = [
+    calls: list[Callable[[], Awaitable[object]]] = [
         lambda: pool.fetch("SELECT 1"),
         lambda: pool.fetchrow("SELECT 1"),
         lambda: pool.fetchval("SELECT 1"),
@@ -166,12 +166,13 @@ async def test_one_shot_calls_on_pools_not_open_or_closed(
         postgres_server, name, pool_class, min_size=min_for(pool_class, 1), max_size=1
     ) as opened:
         await opened.close()
-        for call in [
+        calls = [
             lambda: opened.fetch("SELECT 1"),
             lambda: opened.fetchval("SELECT 1"),
             lambda: opened.execute("SELECT 1"),
             lambda: opened.executemany("SELECT %s", [(1,)]),
-        ]:
+        ]
+        for call in calls:
             with trio.fail_after(1.0), pytest.raises(PoolClosed):
                 await call()
 

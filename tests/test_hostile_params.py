@@ -55,10 +55,12 @@ def test_huge_int_seconds_mean_forever(pool_class: PoolClass, parameter: str) ->
     """An int too big for a float is longer than any float of seconds: it is
     accepted as ``math.inf`` (it used to raise `OverflowError`); a negative one is
     a `ValueError` naming the parameter."""
-    pool = pool_class("", **{parameter: 10**400})
+    huge: dict[str, Any] = {parameter: 10**400}
+    pool = pool_class("", **huge)
     assert getattr(pool, parameter) == math.inf
+    huge[parameter] = -(10**400)
     with pytest.raises(ValueError, match=parameter):
-        pool_class("", **{parameter: -(10**400)})
+        pool_class("", **huge)
 
 
 @pytest.mark.parametrize("min_size", [2**18, 10**9, 10**400], ids=["2**18", "10**9", "10**400"])
