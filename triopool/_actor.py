@@ -134,11 +134,17 @@ async def autocommit(conn: AnyConnection) -> AsyncIterator[AnyConnection]:
     psycopg's autocommit is the client's choice of sending ``BEGIN``: switching
     it on an idle connection sends nothing.  It is restored even if the block
     is cancelled or fails (shielded, bounded; unless the connection is closed).
+
+    A transaction the block left open (a ``BEGIN`` sent in autocommit mode) is
+    rolled back, and `psycopg.ProgrammingError` raised if the block raised
+    nothing else: autocommit can only change on an idle connection, and a
+    statement run this way is its own transaction.  A connection the block left
+    busy (a ``COPY`` begun by ``execute``) is closed.
     """
-    if conn.autocommit:
-        yield conn
-        return
-    await conn.set_autocommit(True)
+    was_autocommit = conn.autocommit
+    if not was_autocommit:
+        await conn.set_autocommit(True)
+    left_open = False
     try:
         yield conn
     finally:
@@ -147,7 +153,24 @@ async def autocommit(conn: AnyConnection) -> AsyncIterator[AnyConnection]:
         # an idle connection this does no I/O.)
         with trio.move_on_after(_RESTORE_TIMEOUT, shield=True):  # noqa: ASYNC912  # shielded cleanup
             if not conn.closed and not conn.broken:
-                await conn.set_autocommit(False)
+                status = conn.pgconn.transaction_status
+                try:
+                    if status in _DIRTY_STATES:
+                        left_open = True
+                        await conn.rollback()
+                    elif status != _IDLE:  # ACTIVE: unusable
+                        conn._close_now()
+                    if not was_autocommit and not conn.closed:
+                        await conn.set_autocommit(False)
+                except psycopg.Error:  # the connection failed: it is discarded
+                    conn._close_now()
+        if conn.autocommit != was_autocommit and not conn.closed:  # not restored in time
+            conn._close_now()
+    if left_open:
+        raise psycopg.ProgrammingError(
+            "the statement left a transaction open (a BEGIN?): it was rolled back;"
+            " a one-shot statement is its own transaction"
+        )
 
 
 async def check_connection(conn: AnyConnection) -> None:
@@ -189,9 +212,14 @@ class Connector:
         conninfo = self.conninfo
         if callable(conninfo):
             conninfo = await maybe_await(conninfo())
+            if not isinstance(conninfo, str):
+                returned = type(conninfo).__name__
+                raise TypeError(f"the conninfo callable returned {returned}, not str")
         kwargs = self.kwargs
         if callable(kwargs):
             kwargs = await maybe_await(kwargs())
+            if not (kwargs is None or isinstance(kwargs, Mapping)):
+                raise TypeError(f"the kwargs callable returned {type(kwargs).__name__}, not a dict")
         return conninfo, dict(kwargs or {})  # noqa: ASYNC910  # nothing to wait for unless callables are async
 
     async def connect(self) -> AnyConnection:

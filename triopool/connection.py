@@ -804,14 +804,18 @@ class Connection(psycopg.AsyncConnection[Row]):
 
         Closing does not checkpoint, so it is safe in cleanup code of a
         cancelled task.  A task waiting on this connection's socket gets
-        `psycopg.OperationalError`.
+        `psycopg.OperationalError`.  With ``close_returns``, closing a
+        connection given back already (closing twice, say) does nothing.
         """
         if self.closed:
             return  # noqa: ASYNC910  # closing never waits
         pool = getattr(self, "_pool", None)
         if pool is not None and getattr(pool, "close_returns", False):
-            await pool.putconn(self)
-            return
+            try:
+                await pool.putconn(self)
+            except ValueError:
+                pass  # given back already (closed twice, say): the pool's, left alone
+            return  # noqa: ASYNC910  # closing never waits
         self._close_now()
 
     async def __aexit__(  # noqa: ASYNC910  # a closed connection has nothing to end

@@ -254,7 +254,9 @@ async def open_listener(
         raise ValueError("listener() needs at least one channel")
     for channel in channels:
         check_channel(channel)
-    if not isinstance(buffer_size, int) or buffer_size < 1:
+    if not isinstance(buffer_size, int) or isinstance(buffer_size, bool):
+        raise TypeError(f"buffer_size must be an int, got {type(buffer_size).__name__}")
+    if buffer_size < 1:
         raise ValueError(f"buffer_size must be an int >= 1, got {buffer_size!r}")
     if pool.closed:
         raise PoolClosed(f"the pool {pool.name!r} is closed")

@@ -68,6 +68,9 @@ __all__ = ["ConnectionPool", "NullConnectionPool", "open_pool"]
 logger = logging.getLogger("triopool")
 
 _DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+#: Where leaving `ConnectionPool.connection` ends the transaction: ACTIVE too (another
+#: task's command runs on the connection: the exit waits for it, then commits).
+_UNFINISHED_STATES = (*_DIRTY_STATES, pq.TransactionStatus.ACTIVE)
 #: The SQLSTATE that shows a failover: a write refused by a server that became
 #: a standby (``read_only_sql_transaction``).
 _FAILOVER_SQLSTATE = "25006"
@@ -78,11 +81,20 @@ Query: TypeAlias = LiteralString | bytes | sql.SQL | sql.Composed
 _pool_numbers = iter(range(1, 1 << 62))
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+#: Most connections a pool keeps open (``min_size``): PostgreSQL's ``MAX_BACKENDS``,
+#: the most any server accepts.  ``min_size`` connections are opened at once, so
+#: a bigger one could only exhaust memory and sockets (``max_size`` is reached on
+#: demand only, and has no bound).
+MAX_MIN_SIZE = 2**18 - 1
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -93,9 +105,13 @@ def _check_seconds(
         return math.inf
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if math.isnan(value) or value < 0 or (positive and value == 0):
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too big for a float: longer than any float of seconds
+        seconds = math.inf if value > 0 else -math.inf
+    if math.isnan(seconds) or seconds < 0 or (positive and seconds == 0):
         raise ValueError(f"{name} must be {'>' if positive else '>='} 0, got {value}")
-    return float(value)
+    return seconds
 
 
 def _check_callable(name: str, value: object) -> None:
@@ -129,12 +145,16 @@ class ConnectionPool:
         check: ``async def check(conn)``, run before a connection is handed
             out; if it raises, the connection is discarded and the client gets
             another.  `ConnectionPool.check_connection` is a ready-made one.
-        min_size: connections kept open.
-        max_size: most connections open (``None``: ``min_size``).
+        min_size: connections kept open (opened at once, so at most
+            262143, PostgreSQL's ``MAX_BACKENDS``).
+        max_size: most connections open (``None``: ``min_size``); reached
+            only on demand.
         name: used in logs (default ``pool-1``, ``pool-2``...).
         timeout: default seconds a client waits for a connection; also the
             bound of each connection attempt (connect and ``configure``) and
-            of each ``reset``.
+            of each ``reset``, so it must be > 0 (a request's own ``timeout``
+            may be 0).  Seconds elsewhere may be ``math.inf``; an int too
+            big for a float counts as ``math.inf``.
         max_waiting: most clients queued (0: no limit); past it,
             `TooManyRequests`.
         max_lifetime: seconds after which a connection is replaced (each
@@ -147,7 +167,8 @@ class ConnectionPool:
             connection attempt is abandoned and ``reconnect_failed`` called;
             a new attempt then starts after a backoff delay (about 1 s), so
             even 0 makes no busy loop.
-        reconnect_failed: ``reconnect_failed(pool)``, sync or async.
+        reconnect_failed: ``reconnect_failed(pool)``, sync or async (cut
+            after ``timeout``).
         close_returns: if true, ``await conn.close()`` on a lent connection
             returns it to the pool.
         leak_timeout: seconds a connection may stay lent before a warning is
@@ -211,7 +232,8 @@ class ConnectionPool:
         self.kwargs = kwargs
         self.connection_class = connection_class
         self.name: str = name or f"pool-{next(_pool_numbers)}"
-        self.timeout = _check_seconds("timeout", timeout)
+        # > 0: it also bounds every connection attempt (a request may still pass 0).
+        self.timeout = _check_seconds("timeout", timeout, positive=True)
         self.max_waiting = _check_int("max_waiting", max_waiting, 0)
         self.max_lifetime = _check_seconds("max_lifetime", max_lifetime, positive=True)
         self.max_idle = _check_seconds("max_idle", max_idle)
@@ -258,7 +280,7 @@ class ConnectionPool:
     # -- sizes ----------------------------------------------------------------
 
     def _check_sizes(self, min_size: object, max_size: object) -> tuple[int, int]:
-        min_size = _check_int("min_size", min_size, 0)
+        min_size = _check_int("min_size", min_size, 0, MAX_MIN_SIZE)
         if max_size is None:
             max_size = min_size
         max_size = _check_int("max_size", max_size, 0)
@@ -512,6 +534,8 @@ class ConnectionPool:
             try:
                 with trio.move_on_at(deadline) as scope:
                     await self._run_check(conn)
+                    if self._outcome(conn) is BROKEN:  # closed or broken, yet no error
+                        raise psycopg.OperationalError("the check left the connection unusable")
             except Exception as ex:
                 self._log(logging.WARNING, "connection failed check, discarding it: %s", ex)
                 scheduler.release(actor, BROKEN, by_pool=True)
@@ -524,6 +548,9 @@ class ConnectionPool:
                 if scope.cancelled_caught:
                     scheduler.release(actor, self._outcome(conn), by_pool=True)
                     raise self._timeout_error(wait_for)
+                if self.closed:  # closed while checking: a waiting request fails
+                    scheduler.release(actor, self._outcome(conn), by_pool=True)
+                    raise PoolClosed(f"the pool {self.name!r} is closed")
                 if self.leak_timeout < math.inf:
                     self._watch(actor)
                 return actor
@@ -617,6 +644,9 @@ class ConnectionPool:
     ) -> list[Any]:
         """Run one statement on a pooled connection; return all its rows.
 
+        A statement that returns no rows (an ``INSERT`` without ``RETURNING``,
+        DDL) returns ``[]``: it succeeded (and was committed).
+
         The statement is its own transaction, committed if it succeeds (whatever
         the connections' ``autocommit``), and its rows are all read before this
         returns (rows as the connections' row factory makes them).  `timeout`
@@ -634,7 +664,7 @@ class ConnectionPool:
         """
         async with self._one_shot(timeout) as conn:
             cur = await conn.execute(query, params)
-            return await cur.fetchall()
+            return [] if cur.description is None else await cur.fetchall()
 
     async def fetchrow(
         self,
@@ -646,7 +676,7 @@ class ConnectionPool:
         """As `fetch`, but return the first row, or None if there is none."""
         async with self._one_shot(timeout) as conn:
             cur = await conn.execute(query, params)
-            return await cur.fetchone()
+            return None if cur.description is None else await cur.fetchone()
 
     async def fetchval(
         self,
@@ -655,14 +685,14 @@ class ConnectionPool:
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
-        """As `fetch`, but return the first column of the first row (None if no row).
+        """As `fetch`, but return the first column of the first row (None if no row or column).
 
         The value is the same whatever the connections' row factory.
         """
         async with self._one_shot(timeout) as conn:
             cur = await conn.cursor(row_factory=tuple_row).execute(query, params)
-            row = await cur.fetchone()
-            return None if row is None else row[0]
+            row = None if cur.description is None else await cur.fetchone()
+            return row[0] if row else None  # no row, or a row of no column
 
     async def execute(
         self,
@@ -866,11 +896,16 @@ class ConnectionPool:
             self._nursery.start_soon(self._call_reconnect_failed)
 
     async def _call_reconnect_failed(self) -> None:  # noqa: ASYNC910  # a background task
-        try:
-            assert self._reconnect_failed is not None
-            await maybe_await(self._reconnect_failed(self))
-        except Exception:
-            logger.exception("%s: error in reconnect_failed callback", self.name)
+        # Bounded as the other callbacks: one that hangs must not pile up a
+        # task per round of failed attempts for as long as the server is down.
+        with trio.move_on_after(self.timeout) as scope:  # noqa: ASYNC912  # the callback is the cancel point
+            try:
+                assert self._reconnect_failed is not None
+                await maybe_await(self._reconnect_failed(self))
+            except Exception:
+                logger.exception("%s: error in reconnect_failed callback", self.name)
+        if scope.cancelled_caught:
+            self._log(logging.WARNING, "reconnect_failed callback cut after %s sec", self.timeout)
 
     async def _watch_leaks(self) -> NoReturn:
         """Warn once about each connection lent for longer than leak_timeout."""
@@ -909,9 +944,13 @@ class ConnectionPool:
 
 
 class _PooledConnection:
-    """The async context manager returned by `ConnectionPool.connection`."""
+    """The async context manager returned by `ConnectionPool.connection`.
 
-    __slots__ = ("_actor", "_conn", "_lease", "_pool", "_timeout")
+    One block at a time: entering it again before it is left (from another
+    task, say) raises `RuntimeError`, as its exit would give back the wrong loan.
+    """
+
+    __slots__ = ("_actor", "_busy", "_conn", "_lease", "_pool", "_timeout")
 
     def __init__(self, pool: ConnectionPool, timeout: float | None) -> None:
         self._pool = pool
@@ -919,9 +958,20 @@ class _PooledConnection:
         self._conn: AnyConnection | None = None
         self._actor: ConnectionActor | None = None
         self._lease: object = None
+        self._busy = False
 
     async def __aenter__(self) -> AnyConnection:
-        self._actor = actor = await self._pool._borrow(self._timeout)
+        if self._busy:
+            raise RuntimeError(
+                "this pool.connection() context manager is in use already:"
+                " call pool.connection() for each block"
+            )
+        self._busy = True
+        try:
+            self._actor = actor = await self._pool._borrow(self._timeout)
+        except BaseException:
+            self._busy = False
+            raise
         self._lease = actor.lease  # identifies this loan of the connection
         self._conn = conn = actor.conn
         assert conn is not None
@@ -934,20 +984,34 @@ class _PooledConnection:
         exc_tb: TracebackType | None,
     ) -> None:
         conn, self._conn = self._conn, None
-        actor = self._actor
+        actor, lease = self._actor, self._lease
         assert conn is not None
         assert actor is not None
-        if actor.lease is not self._lease:
+        try:
+            await self._leave(conn, actor, lease, exc_type, exc_val, exc_tb)  # noqa: ASYNC102  # _leave shields what must be
+        finally:
+            self._busy = False
+
+    async def _leave(  # noqa: ASYNC910  # leaving without a transaction does not wait, by design
+        self,
+        conn: AnyConnection,
+        actor: ConnectionActor,
+        lease: object,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if actor.lease is not lease:
             return  # noqa: ASYNC910  # the block gave it back (``close_returns``): not ours
         pool = self._pool
         if isinstance(exc_val, psycopg.Error) and exc_val.sqlstate == _FAILOVER_SQLSTATE:
             pool._failover_suspected(actor)
         try:
-            if conn.pgconn.transaction_status in _DIRTY_STATES and not conn.closed:
+            if conn.pgconn.transaction_status in _UNFINISHED_STATES and not conn.closed:
                 await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back  # noqa: ASYNC102  # commit after success stays cancellable; rollback is shielded
         finally:
             # Unless given back meanwhile (another task closing it, say):
-            if actor.lease is self._lease:
+            if actor.lease is lease:
                 pool._put_back(actor, conn)
 
 
@@ -1008,8 +1072,14 @@ class NullConnectionPool(ConnectionPool):
             PoolTimeout: it could not be opened in time (the pool is closed;
                 the connection error is the ``__cause__``).
             PoolClosed: the pool is closed or not open.
+            ValueError: ``timeout`` is 0 (no connection can be opened in no
+                time; the pool is left open).
         """
         wait_for = _check_seconds("timeout", timeout)
+        if wait_for == 0:  # as for getconn: it could only fail, and close the pool
+            raise ValueError(
+                "timeout must be > 0 for a NullConnectionPool's wait: it opens a connection"
+            )
         self._check_open()
         error: Exception | None = None
         started = trio.current_time()

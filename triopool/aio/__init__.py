@@ -195,8 +195,13 @@ class _AsyncioView(psycopg.AsyncConnection[Any]):
 
     lender: AsyncioPool | None = None
 
-    async def close(self) -> None:
-        if self.lender is not None and self in self.lender._lent:
+    async def close(self) -> None:  # noqa: ASYNC910  # asyncio code: no trio checkpoint
+        """Give the connection back; if given back already, do nothing.
+
+        (The libpq connection is the pool's: closing it for real would kill a
+        connection the pool may have lent to someone else meanwhile.)
+        """
+        if self.lender is None:
+            await super().close()  # not lent yet: the view was never handed out
+        elif self in self.lender._lent:
             await self.lender.putconn(self)
-        else:
-            await super().close()
