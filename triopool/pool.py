@@ -518,7 +518,10 @@ class ConnectionPool:
         deadline = now + wait_for
         failed_checks: Backoff | None = None  # after the first failed check
         while True:  # noqa: ASYNC913  # each turn awaits the scheduler or checkpoints
-            lent = None if scheduler.pending else scheduler.lend_idle(task, now)
+            lent = None
+            if not scheduler.pending:  # maybe the bypass: trio's three steps, the first
+                await checkpoint_if_cancelled()
+                lent = scheduler.lend_idle(task, now)
             if lent is None:
                 request = scheduler.submit(task, now, deadline)
                 actor: ConnectionActor = await wait_task_rescheduled(request.abort)
