@@ -1,9 +1,10 @@
 """The scheduler actor: the one task that decides who gets which connection.
 
 Every request reaches the scheduler as a message on its inbox, an unbounded
-trio memory channel: clients' acquires (`Request`) and releases (`Release`),
-the connection actors' reports (`triopool._actor`), and the administrative
-calls (`Resize`, `Drain`, `CheckIdle`, `Shutdown`, `WaitReady`, `Attempted`).
+trio memory channel: clients' acquires (`Request`), one-shot statements
+(`Statement`) and releases (`Release`), the connection actors' reports
+(`triopool._actor`), and the administrative calls (`Resize`, `Drain`,
+`CheckIdle`, `Shutdown`, `WaitReady`, `Attempted`).
 The scheduler is the only owner of the pool's state, the pure policy
 (`triopool._policy.PoolPolicy`): each turn it waits for one message, drains
 whatever else arrived since its last turn, feeds the whole batch to the
@@ -33,6 +34,16 @@ Where each guarantee lives:
 * **No broken connection handed out from idle**: before lending an idle
   connection the scheduler looks at its socket without waiting
   (`triopool._actor.alive`); a dead one is closed and replaced.
+* **One-shot statements**: a `Statement` is queued and placed by the policy
+  like an acquire (one FIFO for both kinds); once placed on a slot it is
+  sent there at once (`triopool._actor.ConnectionActor.submit`), every
+  connection written to is flushed once at the end of the turn, and the
+  actor delivers its outcome to the caller.  A caller cancelled with its
+  statement in flight re-sends it dead: the policy says whether the actor
+  may send a cancel request (`PoolPolicy.statement_cancelled`).  A broken
+  pipeline (found by the actor, or here while writing) fails every
+  statement in flight on it, each caller with its own error, and its slot
+  is replaced.
 
 There is no bypass: a lone client that finds an idle connection also goes
 through the inbox (one more task switch; see the architecture docs for the
@@ -48,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import outcome
+import psycopg
 import trio
 from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
 
@@ -63,12 +75,16 @@ from ._actor import (
     ConnectionCallback,
     Connector,
     Ended,
+    PipelineBroken,
     ResetDone,
     Retry,
+    StatementsDone,
     alive,
+    fail,
 )
 from ._policy import (
     CLEAN,
+    PIPELINING,
     Action,
     Close,
     Expire,
@@ -84,6 +100,7 @@ from ._policy import (
     SlotState,
     Wake,
 )
+from .connection import BrokenPipeline
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
 logger = logging.getLogger("triopool")
@@ -99,6 +116,25 @@ class Request:
         self.at = at
         self.deadline = deadline
         self.alive = True
+
+
+class Statement(Request):
+    """A one-shot statement: its caller's request, and what to send (see `Scheduler.execute`).
+
+    `shape` is what the caller gets back (`triopool.connection.ROWS`...);
+    `actor` is set once the statement is sent on that actor's connection.
+    """
+
+    __slots__ = ("actor", "params", "query", "shape")
+
+    def __init__(
+        self, task: Task, at: float, deadline: float, query: Any, params: Any, shape: int
+    ) -> None:
+        super().__init__(task, at, deadline)
+        self.query = query
+        self.params = params
+        self.shape = shape
+        self.actor: ConnectionActor | None = None
 
 
 class Release:
@@ -193,6 +229,7 @@ class Scheduler:
         self._nursery: trio.Nursery | None = None
         self._checks: dict[int, CheckIdle] = {}  # slot -> the CheckIdle it is part of
         self._ready_waiters: list[trio.Event] = []
+        self._to_flush: list[ConnectionActor] = []  # written to in this turn
         self._close_deadline = math.inf
         #: The trio run's clock (set by the pool when it opens, before any request).
         self.clock: trio.abc.Clock
@@ -212,7 +249,28 @@ class Scheduler:
             TooManyRequests: ``max_waiting`` clients are already waiting.
             PoolClosed: the pool is closed, or was closed while waiting.
         """
-        request = Request(current_task(), self.clock.current_time(), deadline)
+        actor: ConnectionActor = await self._park(
+            Request(current_task(), self.clock.current_time(), deadline)
+        )
+        return actor
+
+    async def execute(self, statement: Statement) -> Any:
+        """Queue a one-shot statement and wait for its outcome.
+
+        Checkpoints: always (the calling task parks until the outcome).  If
+        cancelled: a statement not sent yet never is; one sent is not waited
+        for (its result is dropped, and only if every statement in flight on
+        its connection is one whose caller was cancelled, a cancel request is
+        sent: the statement may still complete, and commit, on the server).
+
+        Raises:
+            psycopg.Error: the statement failed, or its connection broke.
+            PoolTimeout, TooManyRequests, PoolClosed: as `acquire`.
+        """
+        return await self._park(statement)
+
+    async def _park(self, request: Request) -> Any:
+        """Send `request` and park until the scheduler (or an actor) wakes us."""
         self.tell(request)
         inbox = self._inbox
 
@@ -224,8 +282,7 @@ class Scheduler:
                 pass  # stopped: nothing to forget
             return Abort.SUCCEEDED
 
-        actor: ConnectionActor = await wait_task_rescheduled(abort)
-        return actor
+        return await wait_task_rescheduled(abort)
 
     def release(self, actor: ConnectionActor, outcome: Outcome, *, by_pool: bool = False) -> None:
         """Give back the connection of `actor` (the caller held it).  Never waits.
@@ -298,6 +355,8 @@ class Scheduler:
                 if now >= deadline:
                     self._execute(policy.tick(now), now)
                     deadline = policy.next_deadline()
+                if self._to_flush:
+                    self._flush(now)
                 if self._ready_waiters:
                     self._notify_ready()
         finally:
@@ -318,12 +377,24 @@ class Scheduler:
         """Feed one message to the policy and carry out what it decides."""
         policy = self.policy
         kind = type(message)
-        if kind is Request:
+        if kind is Request or kind is Statement:
             assert isinstance(message, Request)
             if message.alive:
                 self._serve(message)
+            elif isinstance(message, Statement) and message.actor is not None:
+                # Its caller was cancelled with the statement in flight.
+                actor = message.actor
+                if policy.statement_cancelled(actor.slot, last=actor.is_last(message)):
+                    actor.want_cancel()
             else:
-                policy.cancel(message, now)
+                self._execute(policy.cancel(message, now), now)
+        elif kind is StatementsDone:
+            assert isinstance(message, StatementsDone)
+            if policy.state_of(message.actor.slot) is PIPELINING:
+                self._execute(policy.statements_done(message.actor.slot, now, message.count), now)
+        elif kind is PipelineBroken:
+            assert isinstance(message, PipelineBroken)
+            self._pipeline_broken(message.actor, message.error, now)
         elif kind is Release:
             assert isinstance(message, Release)
             at = message.at
@@ -383,7 +454,10 @@ class Scheduler:
             raise AssertionError(f"unknown message {message!r}")
 
     def _serve(self, request: Request) -> None:
-        """A live request: lend an idle connection (if alive), else queue it."""
+        """A live request: lend an idle connection (if alive), else queue it.
+
+        A statement may also be sent on a connection pipelining already.
+        """
         policy = self.policy
         now = request.at
         while (slot := policy.next_idle()) is not None:
@@ -392,8 +466,9 @@ class Scheduler:
                 break
             logger.warning("%s: idle connection found dead: replacing it", self.name)
             self._execute(policy.idle_lost(slot), now)
+        statement = type(request) is Statement
         try:
-            result = policy.request(request, now, request.deadline)
+            result = policy.request(request, now, request.deadline, statement=statement)
         except PolicyClosed:
             reschedule(request.task, outcome.Error(self._closed_error()))
             return
@@ -403,15 +478,67 @@ class Scheduler:
             )
             reschedule(request.task, outcome.Error(error))
             return
-        if isinstance(result, int):
-            self._grant(request, result)
-        else:
+        if not isinstance(result, int):
             self._execute(result, now)
+        elif statement:
+            assert isinstance(request, Statement)
+            self._send(request, result, now)
+        else:
+            self._grant(request, result)
 
     def _grant(self, request: Request, slot: int) -> None:
         actor = self.actors[slot]
         actor.holder = request.task
         reschedule(request.task, outcome.Value(actor))
+
+    def _send(self, statement: Statement, slot: int, now: float) -> None:
+        """Send `statement` on `slot`, where the policy placed it."""
+        actor = self.actors[slot]
+        try:
+            actor.submit(statement)
+        except BrokenPipeline as error:
+            fail([statement], error)
+            self._pipeline_broken(actor, error, now)
+        except Exception as error:  # refused (could not be adapted): nothing sent
+            statement.alive = False
+            reschedule(statement.task, outcome.Error(error))
+            self._execute(self.policy.statements_done(slot, now, 1), now)
+        else:
+            statement.actor = actor
+            if actor not in self._to_flush:
+                self._to_flush.append(actor)
+
+    def _flush(self, now: float) -> None:
+        """Write what this turn sent, one write per connection."""
+        while self._to_flush:
+            actor = self._to_flush.pop()
+            try:
+                actor.flush()
+            except BrokenPipeline as error:
+                self._pipeline_broken(actor, error, now)
+
+    def _pipeline_broken(self, actor: ConnectionActor, error: BrokenPipeline, now: float) -> None:
+        """`actor`'s connection broke with statements in flight: fail them, replace it."""
+        if self.policy.state_of(actor.slot) is not PIPELINING:
+            return  # handled already
+        if actor.conn is not None:
+            actor.conn._close_now()
+        assert actor.pipeline is not None
+        callers, cause = actor.pipeline.abandon()
+        logger.warning(
+            "%s: connection lost with %d statements in flight: %s",
+            self.name,
+            len(callers),
+            cause or error,
+        )
+        fail(
+            callers,
+            cause
+            or psycopg.OperationalError(
+                f"the connection broke with the statement in flight: {error}"
+            ),
+        )
+        self._execute(self.policy.pipeline_broken(actor.slot, now), now)
 
     def _connect_failed(self, actor: ConnectionActor, error: Exception, now: float) -> None:
         policy = self.policy
@@ -461,7 +588,13 @@ class Scheduler:
             if kind is Grant:
                 assert isinstance(action, Grant)
                 request = action.waiter
-                if request.alive:
+                if type(request) is Statement:
+                    assert isinstance(request, Statement)
+                    if request.alive:
+                        self._send(request, action.slot, now)
+                    else:  # cancelled meanwhile: not sent
+                        self._execute(self.policy.statements_done(action.slot, now, 1), now)
+                elif request.alive:
                     self._grant(request, action.slot)
                 else:  # cancelled meanwhile: the next waiter, or idle
                     self._execute(self.policy.release(action.slot, now, CLEAN, by_pool=True), now)
@@ -546,6 +679,10 @@ class Scheduler:
             check.done.set()
         for slot in [s.id for s in policy.slots.values() if s.state is SlotState.RESETTING]:
             self.settle(policy.reset_done(slot, now, ok=True), now, close=False)
+        # Statements in flight: their actors, cancelled, fail them (PoolClosed).
+        for pipelining in [s for s in policy.slots.values() if s.state is PIPELINING]:
+            actions = policy.statements_done(pipelining.id, now, pipelining.in_flight)
+            self.settle(actions, now, close=False)
         for event in self._ready_waiters:
             event.set()
 
