@@ -1011,6 +1011,8 @@ _PREPARE_SHOULD = Prepare.SHOULD
 _QUERY = 0
 _PREPARE = 1  # the Parse of a statement being prepared
 _DEALLOCATE = 2  # psycopg's prepared-statements maintenance, riding along
+#: SQLSTATE classes of errors that end a session (operator intervention, connection).
+_SESSION_ENDED = ("57P", "08")
 #: ``BEGIN`` or ``START`` first (after blanks and comments): would open a transaction.
 _OPENS_TRANSACTION = re.compile(rb"(?i)(?:BEGIN|START)\b")
 
@@ -1299,7 +1301,7 @@ class StatementPipeline(Generic[T]):
         while notify := pgconn.notifies():
             if handler := pgconn.notify_handler:
                 handler(notify)
-        done: list[tuple[T, outcome.Outcome[Any]]] = []
+        finished: list[_Sent[T]] = []
         sent_queue = self._sent
         ended = False  # a command's results ended: two ends in a row mean "no more now"
         while sent_queue and not pgconn.is_busy():
@@ -1316,30 +1318,36 @@ class StatementPipeline(Generic[T]):
                 continue
             sent.syncs -= 1
             if not sent.syncs:
-                sent_queue.popleft()
-                done.append((sent.token, self._outcome(sent)))
+                finished.append(sent_queue.popleft())
         if not sent_queue and pgconn.pipeline_status:
+            problem = ""
             try:
                 pgconn.exit_pipeline_mode()
             except e.Error as ex:
-                raise BrokenPipeline(str(ex)) from ex
-            if pgconn.transaction_status != _IDLE:
-                raise BrokenPipeline("a one-shot statement left a transaction open")
-        return done
+                problem = str(ex)
+            if not problem and pgconn.transaction_status != _IDLE:
+                problem = "a one-shot statement left a transaction open (rolled back)"
+            if problem:
+                # Not done after all: their outcome is the connection's end.
+                sent_queue.extend(finished)
+                raise BrokenPipeline(problem)
+        return [(sent.token, self._outcome(sent)) for sent in finished]
 
     def abandon(self) -> tuple[list[T], e.Error | None]:
         """Forget the statements in flight (the connection broke).
 
-        Returns their tokens, and the error the server sent before it broke
-        (e.g. `psycopg.errors.AdminShutdown` for a terminated backend), if any.
+        Returns their tokens, and the error with which the server ended the
+        session, if it sent one (e.g. `psycopg.errors.AdminShutdown` for a
+        terminated backend: class 57P or 08, not a statement's own error).
         """
         tokens = [sent.token for sent in self._sent]
         cause = None
         if self._sent:
             for result in self._sent[0].results:
                 if result.status == _FATAL_ERROR:
-                    cause = e.error_from_result(result, encoding=self._encoding)
-                    break
+                    error = e.error_from_result(result, encoding=self._encoding)
+                    if (error.sqlstate or "").startswith(_SESSION_ENDED):
+                        cause = error
         self._sent.clear()
         self.output = False
         return tokens, cause
