@@ -54,8 +54,9 @@ psycopg non-public names used (all of them, and only in this module):
   ``._notifies_backlog``, ``BaseTransaction._conn``, ``BaseCursor._conn``,
   ``BasePipeline.level`` and ``.result_queue`` (undocumented), the ``_no_lock``
   argument of `psycopg.AsyncPipeline`;
-* the generator protocol: ``psycopg.generators.notifies`` and the
-  ``psycopg.waiting.Wait``/``Ready`` values generators yield and receive;
+* the generator protocol: the ``psycopg.waiting.Wait``/``Ready`` values
+  generators yield and receive (psycopg's generators take a wake-up with
+  nothing to read as "wait again", as `_drive`'s first try needs);
 * ``AsyncTransaction.__aenter__``/``__aexit__`` and ``AsyncPipeline.__aenter__``/
   ``__aexit__`` being the whole of a transaction block and of a pipeline level:
   they are reimplemented around the generators above.
@@ -94,7 +95,6 @@ from psycopg.abc import AdaptContext, ConnDict, ConnParam, PQGen, PQGenConn
 from psycopg.adapt import AdaptersMap, Transformer
 from psycopg.conninfo import conninfo_attempts, make_conninfo, timeout_from_conninfo
 from psycopg.cursor_async import AsyncCursor
-from psycopg.generators import notifies as _notifies_gen
 from psycopg.rows import AsyncRowFactory, Row, tuple_row
 from psycopg.transaction import AsyncTransaction
 from psycopg.waiting import Ready, Wait
@@ -271,7 +271,16 @@ async def _drive(run: _GenRun, fd: int) -> Any:
     driven again.
     """
     try:
+        eager = True
         while True:
+            if eager and run.state == _WAIT_R:
+                # The first wait for the server's answer: let the other tasks run
+                # first, then try reading; often the answer is there by then, and
+                # registering with the poller is avoided.
+                eager = False
+                await checkpoint()
+                run.state = run.gen.send(_READY_R)
+                continue
             ready = await _wait_ready(fd, run.state)
             run.state = run.gen.send(ready)
     except StopIteration as ex:
@@ -280,6 +289,20 @@ async def _drive(run: _GenRun, fd: int) -> Any:
         raise e.OperationalError("the connection was closed") from None
     except OSError as ex:
         raise e.OperationalError("connection socket closed") from ex
+
+
+def _notifies_gen(pgconn: pq.abc.PGconn) -> PQGen[list[pq.PGnotify]]:
+    """Wait for notifications and return them (psycopg's ``generators.notifies``, but a
+    wake-up that brings none, such as `_drive`'s first try, waits on)."""
+    while True:
+        while not (yield Wait.R):
+            continue
+        pgconn.consume_input()
+        received = []
+        while notify := pgconn.notifies():
+            received.append(notify)
+        if received:
+            return received
 
 
 def _discard(gen: PQGen[Any]) -> None:
