@@ -49,7 +49,10 @@ psycopg non-public names used (all of them, and only in this module):
   ``._commit_gen``, ``._rollback_gen``; ``BaseTransaction._enter_gen``,
   ``._exit_gen``, ``._check_enter`` (3.3 only); ``BasePipeline._enter_gen``,
   ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``, ``BaseCursor._close``;
-* attributes: ``AsyncConnection.lock`` (replaced), ``BaseConnection._autocommit``,
+* attributes: ``AdaptersMap._own_loaders``, ``._own_dumpers``,
+  ``._own_dumpers_by_oid`` (copy-on-write flags: a cursor with adapters of its own
+  is not reused by `Connection.execute`); ``AsyncConnection.lock`` (replaced),
+  ``BaseConnection._autocommit``,
   ``._adapters``, ``._closed``, ``._pipeline``, ``._notify_handlers``,
   ``._notifies_backlog``, ``BaseTransaction._conn``, ``BaseCursor._conn``,
   ``BasePipeline.level`` and ``.result_queue`` (undocumented), the ``_no_lock``
@@ -76,6 +79,7 @@ import math
 import os
 import re
 import select
+import sys
 import warnings
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
@@ -91,7 +95,7 @@ from psycopg import AsyncPipeline, AsyncServerCursor, pq
 from psycopg import errors as e
 from psycopg._preparing import Prepare
 from psycopg._queries import PostgresQuery
-from psycopg.abc import AdaptContext, ConnDict, ConnParam, PQGen, PQGenConn
+from psycopg.abc import AdaptContext, ConnDict, ConnParam, Params, PQGen, PQGenConn
 from psycopg.adapt import AdaptersMap, Transformer
 from psycopg.conninfo import conninfo_attempts, make_conninfo, timeout_from_conninfo
 from psycopg.cursor_async import AsyncCursor
@@ -115,6 +119,8 @@ T = TypeVar("T")
 logger = logging.getLogger("triopool")
 
 _ACTIVE = pq.TransactionStatus.ACTIVE
+_TEXT = pq.Format.TEXT
+_BINARY = pq.Format.BINARY
 _OK = pq.ConnStatus.OK
 _COPY_OUT = pq.ExecStatus.COPY_OUT
 _COPY_IN = pq.ExecStatus.COPY_IN
@@ -291,6 +297,36 @@ async def _drive(run: _GenRun, fd: int) -> Any:
         raise e.OperationalError("connection socket closed") from ex
 
 
+#: References to the spare cursor in `_as_new`: the connection's, the caller's
+#: variable and getrefcount's argument.  One more is someone else's.
+_SPARE_REFS = 3
+
+
+def _as_new(cur: AsyncCursor[Any], conn: Connection[Any]) -> bool:
+    """Whether `execute` may use `cur` again, as if new (resetting its row factory).
+
+    Nobody else references it (CPython's reference count; a cursor whose
+    results a pipeline still owes is referenced by the pipeline), it is open,
+    of the connection's ``cursor_factory``, and nobody gave it adapters of its
+    own.  A cursor given back keeps psycopg's own caches (its transformer for
+    the same query, as a cursor executing again does).
+    """
+    if sys.getrefcount(cur) > _SPARE_REFS + 1 or cur.closed:  # (+1: our argument)
+        return False
+    adapters = cur.adapters
+    if (
+        type(cur) is not conn.cursor_factory
+        or any(adapters._own_loaders)
+        or any(adapters._own_dumpers_by_oid)
+        or any(adapters._own_dumpers.values())
+    ):
+        return False
+    if cur.row_factory is not conn.row_factory:
+        cur.row_factory = conn.row_factory
+    cur.arraysize = 1
+    return True
+
+
 def _notifies_gen(pgconn: pq.abc.PGconn) -> PQGen[list[pq.PGnotify]]:
     """Wait for notifications and return them (psycopg's ``generators.notifies``, but a
     wake-up that brings none, such as `_drive`'s first try, waits on)."""
@@ -455,6 +491,8 @@ class Connection(psycopg.AsyncConnection[Row]):
         super().__init__(pgconn, row_factory)
         self.lock = _ConnectionLock()  # type: ignore[assignment]
         self.server_cursor_factory = _ServerCursor
+        # The cursor `execute` returned last: reused when nobody else holds it.
+        self._spare_cursor: AsyncCursor[Row] | None = None
 
     @classmethod
     async def connect(
@@ -520,6 +558,36 @@ class Connection(psycopg.AsyncConnection[Row]):
             conn._adapters = AdaptersMap(context.adapters)
         conn.prepare_threshold = prepare_threshold
         return conn
+
+    async def execute(
+        self,
+        query: Any,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool = False,
+    ) -> AsyncCursor[Row]:
+        """Execute a query and return a cursor to read its results.
+
+        As `psycopg.AsyncConnection.execute`.  The cursor the previous call
+        returned is used again if nothing references it any more (the
+        caller dropped it) and it is as a new one would be (open, of the
+        connection's ``cursor_factory``, no adapters of its own): it saves
+        making a cursor per statement.  Its row factory is the connection's
+        again, as a new cursor's.
+
+        Checkpoints and cancellation: as `wait`.
+        """
+        cur = self._spare_cursor
+        if cur is None or not _as_new(cur, self) or not isinstance(query, str | bytes):
+            cur = await super().execute(query, params, prepare=prepare, binary=binary)
+            self._spare_cursor = cur
+            return cur
+        cur.format = _BINARY if binary else _TEXT
+        try:
+            return await cur.execute(query, params, prepare=prepare)
+        except e.Error as ex:
+            raise ex.with_traceback(None) from None
 
     async def wait(
         self,
@@ -1026,7 +1094,6 @@ _EMPTY_QUERY = pq.ExecStatus.EMPTY_QUERY
 _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
 _PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
-_TEXT = pq.Format.TEXT
 _IDLE = pq.TransactionStatus.IDLE
 _PREPARE_NO = Prepare.NO
 _PREPARE_SHOULD = Prepare.SHOULD
