@@ -50,7 +50,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Concatenate, Literal, ParamSpec
+from typing import Concatenate, Literal, ParamSpec, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -93,6 +93,7 @@ EPSILON = 1e-6  # for float sums of times
 Fate = Literal["grant", "idle", "reset", "close"]
 Kind = Literal["borrower", "statement"]
 P = ParamSpec("P")
+M = TypeVar("M", bound="PolicyMachine")
 
 
 def ms(seconds: float) -> int:
@@ -161,13 +162,13 @@ def cycling(values: tuple[float, ...]) -> Callable[[], float]:
 
 
 def step(
-    method: Callable[Concatenate[PolicyMachine, P], None],
-) -> Callable[Concatenate[PolicyMachine, P], None]:
+    method: Callable[Concatenate[M, P], None],
+) -> Callable[Concatenate[M, P], None]:
     """Mark the machine unsettled while `method` runs, so that the liveness
     check of `teardown` does not run on the wreck of a failed step."""
 
     @functools.wraps(method)
-    def wrapper(self: PolicyMachine, *args: P.args, **kwargs: P.kwargs) -> None:
+    def wrapper(self: M, *args: P.args, **kwargs: P.kwargs) -> None:
         self.sound = False
         method(self, *args, **kwargs)
         self.sound = True
