@@ -113,6 +113,14 @@ async def calls() -> AsyncIterator[Calls]:
         yield Calls(nursery)
 
 
+async def behind_the_lock(c: Calls, pool: ConnectionPool, count: int, factor: int = 1) -> None:
+    """Start a statement waiting for `LOCK_KEY`, then `count` callers behind it
+    (``s0``...: each asks for ``i * factor``)."""
+    await c.start("waits", lambda: pool.fetchval(WAITS, [LOCK_KEY]))
+    for i in range(count):
+        await c.start(f"s{i}", lambda i=i: pool.fetchval("SELECT %s::int * %s", [i, factor]))  # type: ignore[misc]
+
+
 async def test_statements_of_many_callers_share_one_connection(
     postgres_server: Server, name: str
 ) -> None:
@@ -125,9 +133,7 @@ async def test_statements_of_many_callers_share_one_connection(
         calls() as c,
     ):
         await pool.wait(5)
-        await c.start("waits", lambda: pool.fetchval(WAITS, [LOCK_KEY]))
-        for i in range(10):
-            await c.start(f"s{i}", lambda i=i: pool.fetchval("SELECT %s::int * 2", [i]))  # type: ignore[misc]
+        await behind_the_lock(c, pool, 10, factor=2)
         assert pipelining(pool) == [11]
         assert pool.status().waiting == 0
         await lock.waited_on()
@@ -147,9 +153,7 @@ async def test_pipeline_depth_bounds_statements_in_flight(
         calls() as c,
     ):
         await pool.wait(5)
-        await c.start("waits", lambda: pool.fetchval(WAITS, [LOCK_KEY]))
-        for i in range(5):
-            await c.start(f"s{i}", lambda i=i: pool.fetchval("SELECT %s::int", [i]))  # type: ignore[misc]
+        await behind_the_lock(c, pool, 5)
         assert pipelining(pool) == [3]
         assert pool.status().waiting == 3
         await lock.release()
@@ -263,9 +267,7 @@ async def test_killed_backend_fails_every_statement_in_flight_and_is_replaced(
     ):
         pid = await pool.fetchval("SELECT pg_backend_pid()")
         async with calls() as c:
-            await c.start("waits", lambda: pool.fetchval(WAITS, [LOCK_KEY]))
-            for i in range(4):
-                await c.start(f"s{i}", lambda i=i: pool.fetchval("SELECT %s::int", [i]))  # type: ignore[misc]
+            await behind_the_lock(c, pool, 4)
             await lock.waited_on()
             await terminate(postgres_server, pid)
         await lock.release()

@@ -520,12 +520,7 @@ class PoolPolicy(Generic[W]):
         """
         slot = self._slot_in(slot_id, PIPELINING)
         self._end_pipelining(slot, now)
-        self.counters.connections_lost += 1
-        actions: list[Action[W]] = []
-        self._close(slot, actions)
-        self._refill(actions)
-        self._grow(actions)
-        return actions
+        return self._lost(slot)
 
     def take_idle(self, slot_id: int, now: float) -> None:
         """Lend a specific idle connection to the pool itself (for `check()`).
@@ -541,6 +536,10 @@ class PoolPolicy(Generic[W]):
         """An idle connection was found dead: close it (it counts as lost)."""
         slot = self._slot_in(slot_id, SlotState.IDLE)
         self._idle.remove(slot_id)
+        return self._lost(slot)
+
+    def _lost(self, slot: Slot) -> list[Action[W]]:
+        """`slot`'s connection was found broken by the pool: close and replace it."""
         self.counters.connections_lost += 1
         actions: list[Action[W]] = []
         self._close(slot, actions)

@@ -1089,8 +1089,6 @@ ROWCOUNT = 3  # the statement's rowcount (-1 where none applies)
 TOTAL_ROWCOUNT = 4  # `StatementPipeline.send_many`: the sum of the rowcounts
 
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
-_COMMAND_OK = pq.ExecStatus.COMMAND_OK
-_EMPTY_QUERY = pq.ExecStatus.EMPTY_QUERY
 _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
 _PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
