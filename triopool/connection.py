@@ -48,13 +48,21 @@ psycopg non-public names used (all of them, and only in this module):
   3.2 only), ``BaseConnection._should_cancel``, ``._check_connection_ok``,
   ``._commit_gen``, ``._rollback_gen``; ``BaseTransaction._enter_gen``,
   ``._exit_gen``, ``._check_enter`` (3.3 only); ``BasePipeline._enter_gen``,
-  ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``, ``BaseCursor._close``;
+  ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``, ``BaseCursor._close``,
+  ``._set_results``;
+* for one-shot statements (`StatementPipeline`): ``psycopg._queries.PostgresQuery``
+  (``convert``, ``dump``, and its ``query``, ``params``, ``types``, ``formats``),
+  ``psycopg._preparing.Prepare`` and the connection's ``BaseConnection._prepared``
+  (its ``get``, ``maybe_add_to_cache``, ``validate`` and ``_to_flush``),
+  ``psycopg.errors.error_from_result`` (undocumented), ``psycopg.adapt.Transformer``
+  (its ``set_pgresult`` and ``load_rows``);
 * attributes: ``AdaptersMap._own_loaders``, ``._own_dumpers``,
   ``._own_dumpers_by_oid`` (copy-on-write flags: a cursor with adapters of its own
   is not reused by `Connection.execute`); ``AsyncConnection.lock`` (replaced),
   ``BaseConnection._autocommit``,
   ``._adapters``, ``._closed``, ``._pipeline``, ``._notify_handlers``,
   ``._notifies_backlog``, ``BaseTransaction._conn``, ``BaseCursor._conn``,
+  ``._tx`` (set, as psycopg does for a new query), ``._make_row``,
   ``BasePipeline.level`` and ``.result_queue`` (undocumented), the ``_no_lock``
   argument of `psycopg.AsyncPipeline`;
 * the generator protocol: the ``psycopg.waiting.Wait``/``Ready`` values
@@ -63,6 +71,9 @@ psycopg non-public names used (all of them, and only in this module):
 * ``AsyncTransaction.__aenter__``/``__aexit__`` and ``AsyncPipeline.__aenter__``/
   ``__aexit__`` being the whole of a transaction block and of a pipeline level:
   they are reimplemented around the generators above.
+
+Beyond psycopg: libpq's ``PQsendPipelineSync``, reached with ctypes in the libpq
+psycopg loaded, through the public ``PGconn.pgconn_ptr`` (`_libpq_send_pipeline_sync`).
 
 Everything else is psycopg's public API (including ``psycopg.pq`` for draining
 an interrupted command and ``psycopg.conninfo.conninfo_attempts`` for names).
