@@ -222,7 +222,7 @@ async def run_program(server: Server, program: Program, timeout: float) -> Run: 
         watch = SizeWatch(pool, run)
         trio.lowlevel.add_instrument(watch)
         try:
-            with trio.fail_after(timeout):  # every caller gets an answer in time
+            with trio.fail_after(timeout):  # noqa: ASYNC912  # every caller gets an answer in time
                 async with trio.open_nursery() as nursery:
                     for gap, op in program.ops:
                         for _ in range(gap):
@@ -280,7 +280,7 @@ def open_connections(pool: ConnectionPool, run: Run) -> None:
 async def caller(pool: ConnectionPool, op: OneShot | Borrow, marker: int, run: Run) -> None:
     scope = trio.CancelScope()
 
-    async def cancel_later(steps: int) -> None:
+    async def cancel_later(steps: int) -> None:  # noqa: ASYNC910  # 0 steps: cancel at once
         for _ in range(steps):
             await trio.lowlevel.checkpoint()
         scope.cancel()
@@ -311,10 +311,10 @@ def pipelining_pids(pool: ConnectionPool) -> list[int]:
     )
 
 
-async def kill(server: Server, pool: ConnectionPool, name: str, pick: int, run: Run) -> None:
+async def kill(server: Server, pool: ConnectionPool, name: str, pick: int, run: Run) -> None:  # noqa: ASYNC910  # a program's step; the callers checkpoint
     """Terminate one of the pool's backends: one with statements in flight if there is
     one within `KILL_PATIENCE` seconds, else any."""
-    with trio.move_on_after(KILL_PATIENCE):
+    with trio.move_on_after(KILL_PATIENCE):  # noqa: ASYNC912  # a bounded look at the pool's state
         while not pipelining_pids(pool):  # noqa: ASYNC110  # the pool's state: no event
             await trio.lowlevel.checkpoint()
     pids = pipelining_pids(pool) or sorted(await backend_pids(server, name))

@@ -60,7 +60,7 @@ class Lock:
 
         await until(lambda: trio.to_thread.run_sync(waiting), 5, "a backend waits for the lock")
 
-    async def release(self) -> None:
+    async def release(self) -> None:  # noqa: ASYNC910  # released already: nothing to do
         if self.held:
             self.held = False
             await self.conn.execute("SELECT pg_advisory_unlock(%s)", [LOCK_KEY])
@@ -74,7 +74,7 @@ async def lock_held(server: Server, name: str) -> AsyncIterator[Lock]:
         try:
             yield lock
         finally:
-            await lock.release()
+            await lock.release()  # noqa: ASYNC102  # test clean-up: one quick round trip
 
 
 def pipelining(pool: ConnectionPool) -> list[int]:
@@ -94,7 +94,7 @@ class Calls:
         """Start a caller, and let it (and everything else) run until blocked."""
         scope = self.scopes[key] = trio.CancelScope()
 
-        async def caller() -> None:
+        async def caller() -> None:  # noqa: ASYNC910  # the call awaits, or its scope was cancelled
             with scope:
                 try:
                     self.results[key] = await call()
@@ -251,7 +251,7 @@ async def test_cancelled_caller_last_in_flight_is_cancelled_on_the_server(
         assert pool.status().waiting == 1
         started = trio.current_time()
         await lock.release()
-        with trio.fail_after(10):
+        with trio.fail_after(10):  # noqa: ASYNC912  # bounds the wait for the caller
             while "later" not in c.results:  # noqa: ASYNC110  # the caller sets it
                 await trio.sleep(0.01)
         assert trio.current_time() - started < 5  # not pg_sleep(60)
@@ -286,7 +286,7 @@ async def test_prepared_statements_in_pipelines(postgres_server: Server, name: s
     ``prepared_max`` on the server too (shared with the connection's borrowers);
     with None nothing is prepared."""
 
-    async def configure(conn: Connection[Any]) -> None:
+    async def configure(conn: Connection[Any]) -> None:  # noqa: ASYNC124, ASYNC910  # the pool's configure callback is async
         conn.prepared_max = 3
 
     for threshold in (0, None):

@@ -476,7 +476,7 @@ class ConnectionActor:
         if self._wake_scope is not None:
             self._wake_scope.cancel()
 
-    async def _read_statements(self, report: Report) -> None:
+    async def _read_statements(self, report: Report) -> None:  # noqa: ASYNC910  # runs with statements in flight: the loop awaits
         """Read and deliver the statements in flight until none is left (PIPELINE)."""
         pipeline = self.pipeline
         assert pipeline is not None
@@ -485,7 +485,7 @@ class ConnectionActor:
                 if self._cancel_wanted and self._only_abandoned():
                     await self._cancel_abandoned(pipeline, report)
                     continue
-                with trio.CancelScope() as self._wake_scope:
+                with trio.CancelScope() as self._wake_scope:  # noqa: ASYNC912  # the wake-up scope: the scheduler cancels it
                     while pipeline.in_flight:
                         await pipeline.wait()
                         self._deliver(pipeline.read(), report)
@@ -506,7 +506,7 @@ class ConnectionActor:
         assert self.pipeline is not None
         return not any(caller.alive for caller in self.pipeline.tokens())
 
-    async def _cancel_abandoned(self, pipeline: StatementPipeline[Caller], report: Report) -> None:
+    async def _cancel_abandoned(self, pipeline: StatementPipeline[Caller], report: Report) -> None:  # noqa: ASYNC910  # runs with statements in flight: the loop awaits
         """Cancel on the server the statements of cancelled callers, all that is in flight.
 
         A cancel request that reaches the server before it started the
@@ -518,12 +518,12 @@ class ConnectionActor:
         assert conn is not None
         delay = _CANCEL_RETRY_DELAY
         while pipeline.in_flight and self._only_abandoned():
-            with trio.move_on_after(conn.cancel_timeout):
+            with trio.move_on_after(conn.cancel_timeout):  # noqa: ASYNC912  # bounds the cancel request, which is the cancel point
                 try:
                     await conn._send_cancel_request()
                 except psycopg.Error as ex:
                     logger.debug("%s: cancel request failed: %s", self.name, ex)
-            with trio.move_on_after(delay):
+            with trio.move_on_after(delay):  # noqa: ASYNC912  # bounds the wait for the answer
                 while pipeline.in_flight:
                     await pipeline.wait()
                     self._deliver(pipeline.read(), report)
