@@ -307,7 +307,10 @@ def pipelining_pids(pool: ConnectionPool) -> list[int]:
     return sorted(
         actor.conn.info.backend_pid
         for actor in pool._scheduler.actors.values()
-        if actor.conn is not None and actor.pipeline is not None and actor.pipeline.in_flight
+        if actor.conn is not None
+        and not actor.conn.closed  # (a broken one is closed before its statements fail)
+        and actor.pipeline is not None
+        and actor.pipeline.in_flight
     )
 
 
