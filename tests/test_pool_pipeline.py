@@ -357,3 +357,29 @@ async def test_close_with_statements_in_flight(postgres_server: Server, name: st
         assert set(c.results) == {"waits", "next"}
         assert all(isinstance(r, PoolClosed) for r in c.results.values()), c.results
         await lock.release()
+
+
+async def test_a_statement_larger_than_the_socket_takes_goes_out(
+    postgres_server: Server, name: str
+) -> None:
+    """Megabytes of executemany behind a statement that waits: the server reads nothing
+    meanwhile, so the socket takes only part of it; the actor is woken to write the rest
+    as the server reads, nothing stalls, and the statement behind it gets its result."""
+    rows = [[i, "x" * 2000] for i in range(3000)]  # ~6 MB of parameters
+    async with (
+        contract_pool(ConnectionPool, postgres_server, name, min_size=1, max_size=1) as pool,
+        lock_held(postgres_server, name) as lock,
+    ):
+        await pool.execute("DROP TABLE IF EXISTS t_big")
+        await pool.execute("CREATE TABLE t_big (id int, note text)")
+        async with calls() as c:
+            await c.start("waits", lambda: pool.fetchval(WAITS, [LOCK_KEY]))
+            await c.start(
+                "many", lambda: pool.executemany("INSERT INTO t_big VALUES (%s, %s)", rows)
+            )
+            await c.start("after", lambda: pool.fetchval("SELECT 'after'"))
+            assert pipelining(pool) == [3]
+            await lock.release()
+        assert c.results == {"waits": "waited", "many": 3000, "after": "after"}
+        assert await pool.fetchval("SELECT count(*) FROM t_big") == 3000
+        await pool.execute("DROP TABLE t_big")
