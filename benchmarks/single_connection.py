@@ -1,7 +1,7 @@
-"""One connection, sequential queries: triopool on trio, via trio-asyncio, and psycopg on asyncio.
+"""One connection, sequential queries: triopool on trio, via trio-asyncio, psycopg and asyncpg.
 
     python benchmarks/single_connection.py [--dsn DSN] [--rounds 5] [--duration 3]
-                                           [--stacks triopool,aio,asyncio] [--json]
+                                           [--stacks triopool,aio,asyncio,asyncpg] [--json]
 
 Each side uses one autocommit connection and runs ``SELECT 1`` (execute + fetchone, one
 round trip) back to back for ``--duration`` seconds after a short warm-up:
@@ -13,7 +13,9 @@ round trip) back to back for ``--duration`` seconds after a short warm-up:
   on ``trio_asyncio``'s loop inside ``trio.run``; the view never prepares statements
   (``prepare_threshold=None``), as users get it;
 * ``asyncio``: stock `psycopg.AsyncConnection` under ``asyncio.run`` (default
-  ``prepare_threshold``).
+  ``prepare_threshold``);
+* ``asyncpg``: an asyncpg connection on uvloop, ``fetchval(QUERY)`` (asyncpg's own call
+  for one value, prepared by its statement cache).
 
 Every run is a fresh process that imports only its own event loop (the ``aio`` side
 imports trio and trio-asyncio); the order of the sides rotates every round so drift on
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from _server import add_dsn_argument, server_dsn
@@ -40,12 +43,13 @@ from _server import add_dsn_argument, server_dsn
 if TYPE_CHECKING:  # the workers import only their own stack
     import psycopg
 
-Stack = Literal["triopool", "aio", "asyncio"]
-STACKS: tuple[Stack, ...] = ("triopool", "aio", "asyncio")
+Stack = Literal["triopool", "aio", "asyncio", "asyncpg"]
+STACKS: tuple[Stack, ...] = ("triopool", "aio", "asyncio", "asyncpg")
 LABELS: dict[Stack, str] = {
     "triopool": "triopool.Connection (trio)",
     "aio": "AsyncioPool view (trio-asyncio)",
     "asyncio": "psycopg.AsyncConnection (asyncio)",
+    "asyncpg": "asyncpg connection (uvloop)",
 }
 QUERY = "SELECT 1"
 WARMUP_QUERIES = 200
@@ -77,14 +81,39 @@ async def _asyncio_run(dsn: str, duration: float) -> RunResult:
 
 async def _timed_loop(conn: psycopg.AsyncConnection[Any], duration: float) -> RunResult:
     """The timed loop, on a `psycopg.AsyncConnection` (a `triopool.Connection` is one)."""
-    for _ in range(WARMUP_QUERIES):
+
+    async def once() -> None:
         await (await conn.execute(QUERY)).fetchone()
+
+    return await _timed(once, duration)
+
+
+async def _asyncpg_run(dsn: str, duration: float) -> RunResult:
+    import asyncpg  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+    from triopool._bench._asyncio import asyncpg_arguments
+
+    conn = await asyncpg.connect(**asyncpg_arguments(dsn))
+
+    async def once() -> None:
+        await conn.fetchval(QUERY)
+
+    try:
+        return await _timed(once, duration)
+    finally:
+        await conn.close()  # noqa: ASYNC102  # asyncio code: the benchmark's own connection
+
+
+async def _timed(once: Callable[[], Awaitable[None]], duration: float) -> RunResult:
+    """Run `once` (one query, one round trip) back to back for `duration` seconds."""
+    for _ in range(WARMUP_QUERIES):
+        await once()
     queries = 0
     cpu = os.times()
     start = now = time.perf_counter()
     deadline = start + duration
     while now < deadline:
-        await (await conn.execute(QUERY)).fetchone()
+        await once()
         queries += 1
         now = time.perf_counter()
     used = os.times()
@@ -124,6 +153,10 @@ def worker(stack: Stack, dsn: str, duration: float) -> None:
         import trio
 
         result = trio.run(_aio_run, dsn, duration)
+    elif stack == "asyncpg":
+        import uvloop  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+        result = uvloop.run(_asyncpg_run(dsn, duration))
     else:
         import asyncio
 

@@ -52,10 +52,11 @@ def folders_of(pid: int) -> list[Path]:
     return found
 
 
-@pytest.mark.parametrize("workload", ["select1", "txn", "mixed"])
+@pytest.mark.parametrize("workload", ["select1", "txn", "mixed", "fetchval"])
 def test_json_run_against_a_given_server(postgres_server: Server, workload: str) -> None:
     """With ``--dsn``: exactly the requested number of requests, no error, the pool's
-    stats, and no trace left in the database (``txn`` uses a temporary table)."""
+    stats, and no trace left in the database (``txn`` uses a temporary table).
+    ``fetchval`` runs the one-shot call: no acquire wait of its own."""
     data = bench_json(
         "--dsn",
         postgres_server.dsn,
@@ -78,6 +79,8 @@ def test_json_run_against_a_given_server(postgres_server: Server, workload: str)
     assert (stats["pool_min"], stats["pool_max"]) == (2, 4)
     assert stats["requests_num"] >= 300
     assert data["settings"]["workload"] == workload
+    if workload == "fetchval":
+        assert result["acquire_ms"]["max"] == 0.0
     assert "dsn" not in data["settings"]  # may hold a password
     rows = postgres_server.execute(
         "SELECT count(*) FROM pg_class WHERE relname = 'triopool_bench' AND relpersistence <> 't'"
@@ -155,12 +158,14 @@ def test_compare_runs_every_stack_and_gives_ratios(
 ) -> None:
     """``--compare``: each stack in its own process, medians and ratios to triopool, with
     either form of ``--dsn`` psycopg accepts (asyncpg gets it converted); asyncpg twice,
-    with its default reset and with a no-op one; ``--plot`` writes a PNG."""
+    with its default reset and with a no-op one; ``--plot`` writes a PNG.  (With the
+    key=value form, the one-shot workload: ``pool.fetchval`` on triopool and asyncpg.)"""
     dsn = postgres_server.dsn if form == "url" else postgres_server.conninfo()
+    workload = "select1" if form == "url" else "fetchval"
     plot = tmp_path / "compare.png"
     done = bench(
         *("--dsn", dsn, "--compare", "--rounds", "1", "--duration", "0.3"),
-        *("--json", "--plot", str(plot)),
+        *("--workload", workload, "--json", "--plot", str(plot)),
     )
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)

@@ -280,3 +280,45 @@ async def test_listener_through_session_mode(
         assert await backends(postgres_server, name) <= 1  # PgBouncer keeps it, idle
         await settled_through(pool, bouncer, name)
     await settled_through(pool, bouncer, name)
+
+
+@pytest.mark.parametrize("depth", [16, 1])
+async def test_one_shot_statements_pipelined_through_transaction_mode(
+    pgbouncer_factory: Factory, name: str, depth: int
+) -> None:
+    """One-shot statements from many callers pipelined on few connections, through
+    PgBouncer in transaction mode with fewer server connections than client ones: every
+    caller gets its own result (no answer goes to another), errors reach their caller
+    only, and writes commit."""
+    bouncer = pgbouncer_factory(default_pool_size=2)
+    async with bouncer_pool(bouncer, name, min_size=3, max_size=3, pipeline_depth=depth) as pool:
+        await pool.execute("DROP TABLE IF EXISTS t_bounced")
+        await pool.execute("CREATE TABLE t_bounced (id int PRIMARY KEY)")
+        results: dict[int, object] = {}
+
+        async def caller(i: int) -> None:  # noqa: ASYNC910  # five rounds, each awaiting a statement
+            for round_no in range(5):
+                n = i * 100 + round_no
+                try:
+                    if n % 7 == 0:
+                        results[n] = await pool.fetchval("SELECT 1 / (%s::int - %s)", (n, n))
+                    elif n % 3 == 0:
+                        results[n] = await pool.execute("INSERT INTO t_bounced VALUES (%s)", (n,))
+                    else:
+                        results[n] = await pool.fetchval("SELECT %s::int, pg_sleep(0.001)", (n,))
+                except psycopg.errors.DivisionByZero:
+                    results[n] = "division by zero"
+
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(caller, i)
+        for n, result in results.items():
+            expected = "division by zero" if n % 7 == 0 else 1 if n % 3 == 0 else n
+            assert result == expected, (n, result)
+        inserted = {n for n in results if n % 7 and n % 3 == 0}
+        rows = await pool.fetch("SELECT id FROM t_bounced")
+        assert {row[0] for row in rows} == inserted
+        await pool.execute("DROP TABLE t_bounced")
+        assert await server_connections(bouncer) <= 2
+        await settled_through(pool, bouncer, name)
+    await settled_through(pool, bouncer, name)

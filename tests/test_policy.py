@@ -45,6 +45,7 @@ def make(
     max_lifetime: float = 3600.0,
     reconnect_timeout: float = 300.0,
     keep_idle: bool = True,
+    pipeline_depth: int = 16,
     random: Callable[[], float] = lambda: 0.5,
 ) -> Policy:
     """An opened policy, min_size connected at 0."""
@@ -56,6 +57,7 @@ def make(
         max_lifetime=max_lifetime,
         reconnect_timeout=reconnect_timeout,
         keep_idle=keep_idle,
+        pipeline_depth=pipeline_depth,
         random=random,
     )
     for action in policy.open():
@@ -681,3 +683,155 @@ def test_dirty_return_to_a_closed_pool_is_closed_not_reset() -> None:
     assert lent(policy.request("a", 0.0)) == 0
     assert policy.close() == []
     assert policy.release(0, 1.0, DIRTY) == [Close(0)]
+
+
+# -- one-shot statements: pipelining slots ---------------------------------------------
+
+
+def statement(policy: Policy, waiter: str, now: float = 0.0) -> int | list[Action[str]]:
+    return policy.request(waiter, now, statement=True)
+
+
+def test_a_statement_takes_an_idle_slot_then_the_least_busy_pipelining_one() -> None:
+    policy = make(2, 2, pipeline_depth=3)
+    assert lent(statement(policy, "a")) == 1  # the top of the idle stack
+    assert lent(statement(policy, "b")) == 0  # idle first: no wait behind "a"
+    assert lent(statement(policy, "c")) == 1  # both carry one: the first found
+    assert lent(statement(policy, "d")) == 0
+    assert policy.statements_done(1, 1.0, 2) == []  # slot 1 now carries none...
+    assert policy.state_of(1) is SlotState.IDLE  # ...so it is idle again
+    assert lent(statement(policy, "e", 1.0)) == 1
+    assert lent(statement(policy, "f", 1.0)) == 1  # 1 in flight against 2 on slot 0
+    assert policy.count(SlotState.PIPELINING) == 2
+    assert policy.counters.requests_num == 6 and policy.counters.requests_queued == 0
+
+
+def test_depth_bounds_statements_in_flight_and_room_lets_the_next_in() -> None:
+    policy = make(1, 1, pipeline_depth=2)
+    assert lent(statement(policy, "a")) == 0
+    assert lent(statement(policy, "b")) == 0
+    assert queued(statement(policy, "c")) == []  # full, and no room to grow
+    assert queued(statement(policy, "d")) == []
+    assert policy.slots[0].in_flight == 2
+    assert policy.statements_done(0, 1.0, 1) == [Grant("c", 0)]
+    assert policy.statements_done(0, 2.0, 2) == [Grant("d", 0)]  # none left: dispatched
+    assert policy.counters.requests_wait_ms == 1000 + 2000
+
+
+def test_a_pipelining_slot_is_never_lent_and_fifo_holds_across_kinds() -> None:
+    policy = make(1, 1, pipeline_depth=4)
+    assert lent(statement(policy, "s1")) == 0
+    assert queued(policy.request("borrower", 0.0)) == []  # no idle: waits
+    # A statement arriving now waits behind the borrower, although slot 0 has room.
+    assert queued(statement(policy, "s2")) == []
+    assert policy.waiters() == ["borrower", "s2"]
+    # The borrower gets the slot once it carries nothing; s2 then waits for it again.
+    assert policy.statements_done(0, 1.0, 1) == [Grant("borrower", 0)]
+    assert policy.state_of(0) is SlotState.LENT
+    assert policy.release(0, 2.0, CLEAN) == [Grant("s2", 0)]
+    assert policy.state_of(0) is SlotState.PIPELINING
+
+
+def test_statements_behind_a_borrower_go_once_it_is_served() -> None:
+    policy = make(2, 2, pipeline_depth=4)
+    assert lent(statement(policy, "s1")) == 1
+    assert lent(policy.request("b1", 0.0)) == 0
+    assert queued(policy.request("b2", 0.0)) == []
+    assert queued(statement(policy, "s2")) == []
+    assert queued(statement(policy, "s3")) == []
+    # b1 returns its connection to b2: s2 and s3 now head the queue and go to slot 1.
+    assert policy.release(0, 1.0, CLEAN) == [Grant("b2", 0), Grant("s2", 1), Grant("s3", 1)]
+    assert policy.slots[1].in_flight == 3
+
+
+def test_a_cancelled_borrower_at_the_head_lets_statements_through() -> None:
+    policy = make(1, 1, pipeline_depth=4)
+    assert lent(statement(policy, "s1")) == 0
+    assert queued(policy.request("b", 0.0)) == []
+    assert queued(statement(policy, "s2")) == []
+    assert policy.cancel("b", 1.0) == [Grant("s2", 0)]
+
+
+def test_cancel_requests_only_for_the_last_statement_sent_and_the_slot_then_drains() -> None:
+    policy = make(1, 2, pipeline_depth=4)
+    assert lent(statement(policy, "a")) == 0
+    assert lent(statement(policy, "b")) == 0
+    assert not policy.statement_cancelled(0, last=False)  # "a": "b" was sent after it
+    assert not policy.slots[0].held
+    assert policy.statement_cancelled(0, last=True)  # "b": nothing after it
+    assert policy.slots[0].held
+    # A held slot takes no new statement: "c" goes to a new connection.
+    assert queued(statement(policy, "c")) == [Open(1)]
+    assert policy.connected(1, 0.5, 0.5) == [Grant("c", 1)]
+    assert policy.statements_done(0, 1.0, 2) == [Wake()]  # none left: idle (max_idle timer)
+    assert not policy.slots[0].held and policy.state_of(0) is SlotState.IDLE
+    assert not policy.statement_cancelled(0, last=True)  # not pipelining any more
+
+
+def test_a_broken_pipeline_closes_its_slot_and_replaces_it() -> None:
+    policy = make(1, 1, pipeline_depth=4)
+    assert lent(statement(policy, "a")) == 0
+    assert lent(statement(policy, "b")) == 0
+    assert lent(statement(policy, "c", 0.5)) == 0
+    assert policy.pipeline_broken(0, 2.0) == [Close(0)]
+    assert policy.counters.connections_lost == 1 and policy.counters.usage_ms == 2000
+    assert policy.closed_slot(0) == [Open(1)]
+
+
+def test_a_pipelining_slot_past_its_lifetime_drains_then_closes() -> None:
+    policy = make(1, 1, max_lifetime=100.0, pipeline_depth=4)  # expires at 95
+    assert lent(statement(policy, "a", 90.0)) == 0
+    assert policy.next_deadline() == 95.0
+    assert policy.tick(95.0) == []
+    assert policy.slots[0].held  # no new statement on it
+    assert queued(statement(policy, "b", 96.0)) == []
+    assert policy.statements_done(0, 97.0, 1) == [Close(0)]
+    assert policy.closed_slot(0) == [Open(1)]
+    assert policy.connected(1, 98.0, 1.0) == [Grant("b", 1)]
+
+
+def test_resize_below_the_size_drains_pipelining_slots() -> None:
+    policy = make(2, 2, pipeline_depth=4)
+    assert lent(statement(policy, "a")) == 1
+    assert lent(statement(policy, "b")) == 0
+    assert policy.resize(1, 1) == [Wake()]
+    assert policy.slots[0].held and policy.slots[1].held
+    assert policy.statements_done(1, 1.0, 1) == [Close(1)]  # the surplus
+    assert policy.statements_done(0, 1.0, 1) == []  # idle again (timer already set)
+    assert policy.idle_slots() == [0]
+
+
+def test_drained_pipelining_slots_take_no_more_statements() -> None:
+    policy = make(1, 2, pipeline_depth=4)
+    assert lent(statement(policy, "a")) == 0
+    assert policy.drain() == []
+    assert queued(statement(policy, "b")) == [Open(1)]
+    assert policy.statements_done(0, 1.0, 1) == [Close(0)]
+
+
+def test_close_rejects_waiting_statements_and_closes_pipelining_slots_when_done() -> None:
+    policy = make(1, 1, pipeline_depth=1)
+    assert lent(statement(policy, "a")) == 0
+    assert queued(statement(policy, "b")) == []
+    assert policy.close() == [Reject("b")]
+    assert policy.statements_done(0, 1.0, 1) == [Close(0)]
+
+
+def test_null_pool_opens_a_connection_for_a_statement_and_closes_it_after() -> None:
+    policy = make(0, None, keep_idle=False)
+    assert queued(statement(policy, "a")) == [Open(0)]
+    assert policy.connected(0, 1.0, 1.0) == [Grant("a", 0), Wake()]  # its lifetime's timer
+    assert lent(statement(policy, "b", 1.0)) == 0  # rides along
+    assert policy.statements_done(0, 2.0, 2) == [Close(0)]
+
+
+def test_statements_done_checks_its_input_and_changes_nothing() -> None:
+    policy = make(1, 1)
+    with pytest.raises(KeyError):
+        policy.statements_done(0, 0.0, 1)  # idle, not pipelining
+    assert lent(statement(policy, "a")) == 0
+    with pytest.raises(ValueError, match="2 statements done, 1 in flight"):
+        policy.statements_done(0, 0.0, 2)
+    with pytest.raises(KeyError):
+        policy.pipeline_broken(5, 0.0)
+    assert policy.slots[0].in_flight == 1

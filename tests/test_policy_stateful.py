@@ -21,6 +21,14 @@ checks the policy against the model and the pool's promises:
   has two holders; a waiter is granted, rejected, expired or cancelled at most
   once; after ``close()`` nobody waits;
 * no stale (drained) or expired connection is handed out or kept idle;
+* one-shot statements: a PIPELINING slot carries 1 to ``pipeline_depth``
+  statements and is never lent; a statement goes to the idle slot on top of
+  the stack, else to an accepting pipelining slot with the fewest in flight
+  (never a held, full or drained one), else queues; the queue keeps one
+  arrival order for both kinds, and a statement at its head never waits
+  while a slot would take it; a slot is held once its lifetime is over, when
+  a resize leaves the pool too big, or for a cancel request asked for the
+  last statement sent on it;
 * the counters equal the model's count of the events;
 * timers: the shell re-reads ``next_deadline()`` only after `Wake` or a
   tick, so that deadline must never be later than the policy's real next
@@ -42,7 +50,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Concatenate, Literal, ParamSpec
+from typing import Concatenate, Literal, ParamSpec, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -83,7 +91,9 @@ POOL = -1  # holder of a connection lent to the pool itself (`take_idle`, for ch
 EPSILON = 1e-6  # for float sums of times
 
 Fate = Literal["grant", "idle", "reset", "close"]
+Kind = Literal["borrower", "statement"]
 P = ParamSpec("P")
+M = TypeVar("M", bound="PolicyMachine")
 
 
 def ms(seconds: float) -> int:
@@ -99,6 +109,7 @@ class Config:
     max_lifetime: float
     reconnect_timeout: float
     keep_idle: bool
+    pipeline_depth: int
     randoms: tuple[float, ...]
 
 
@@ -122,7 +133,25 @@ def configs(draw: st.DrawFn) -> Config:
         max_lifetime=draw(st.sampled_from([5.0, 30.0, 3600.0])),
         reconnect_timeout=draw(st.sampled_from([0.0, 3.0, 20.0])),
         keep_idle=keep_idle,
+        pipeline_depth=draw(st.integers(1, 3)),
         randoms=draw(st.tuples(RANDOMS, RANDOMS)),
+    )
+
+
+@st.composite
+def busy_configs(draw: st.DrawFn) -> Config:
+    """Small pools that one-shot statements fill: for the planted statement bugs."""
+    size = draw(st.integers(1, 2))
+    return Config(
+        min_size=size,
+        max_size=size,
+        max_waiting=0,
+        max_idle=600.0,
+        max_lifetime=draw(st.sampled_from([5.0, 3600.0])),
+        reconnect_timeout=20.0,
+        keep_idle=True,
+        pipeline_depth=draw(st.integers(2, 3)),
+        randoms=(0.5, 0.5),
     )
 
 
@@ -133,13 +162,13 @@ def cycling(values: tuple[float, ...]) -> Callable[[], float]:
 
 
 def step(
-    method: Callable[Concatenate[PolicyMachine, P], None],
-) -> Callable[Concatenate[PolicyMachine, P], None]:
+    method: Callable[Concatenate[M, P], None],
+) -> Callable[Concatenate[M, P], None]:
     """Mark the machine unsettled while `method` runs, so that the liveness
     check of `teardown` does not run on the wreck of a failed step."""
 
     @functools.wraps(method)
-    def wrapper(self: PolicyMachine, *args: P.args, **kwargs: P.kwargs) -> None:
+    def wrapper(self: M, *args: P.args, **kwargs: P.kwargs) -> None:
         self.sound = False
         method(self, *args, **kwargs)
         self.sound = True
@@ -174,7 +203,12 @@ class PolicyMachine(RuleBasedStateMachine):
         self.queue: dict[int, tuple[float, float, bool]] = {}
         self.idle: list[int] = []  # least recently used first
         self.holders: dict[int, int] = {}  # lent slot -> waiter (or POOL)
-        self.lent_at: dict[int, float] = {}
+        self.lent_at: dict[int, float] = {}  # lent or pipelining slot -> since when
+        self.kinds: dict[int, Kind] = {}  # waiter -> what it asked for
+        # Pipelining slot -> its statements in flight, in the order sent (dict
+        # order: the order slots started pipelining, as the policy's).
+        self.pipes: dict[int, list[int]] = {}
+        self.held: set[int] = set()
         self.connecting: dict[int, float] = {}  # slot -> when its attempt may end
         # Connecting slots started while clients waited (or for one): coming for waiters.
         self.for_waiters: set[int] = set()
@@ -199,9 +233,22 @@ class PolicyMachine(RuleBasedStateMachine):
             len(self.connecting)
             + len(self.idle)
             + len(self.holders)
+            + len(self.pipes)
             + len(self.resetting)
             + len(self.closing)
         )
+
+    def _accepts(self, slot: int) -> bool:
+        """Would pipelining `slot` take one more statement?"""
+        return (
+            len(self.pipes[slot]) < self.config.pipeline_depth
+            and slot not in self.held
+            and self.generation_of[slot] == self.generation
+        )
+
+    def _least_busy(self) -> int | None:
+        """How many statements are in flight on the least busy accepting slot."""
+        return min((len(v) for s, v in self.pipes.items() if self._accepts(s)), default=None)
 
     def _over_max(self) -> bool:
         """More connections than max_size, not counting those being closed.
@@ -258,18 +305,31 @@ class PolicyMachine(RuleBasedStateMachine):
         for action in actions:
             match action:
                 case Grant(waiter=waiter, slot=slot):
-                    assert slot == ready and got is None, f"granted slot {slot}, not {ready}"
-                    got = "grant"
                     oldest = next(iter(self.queue), None)
                     assert waiter == oldest, f"FIFO: granted {waiter} before {oldest}"
                     assert waiter not in self.done, f"waiter {waiter} served twice"
                     assert slot not in self.holders, f"slot {slot} lent twice"
                     assert self.generation_of[slot] == self.generation, "drained slot lent"
                     assert policy.slots[slot].expires_at > self.now, "expired slot lent"
+                    if slot == ready and got is None:
+                        got = "grant"  # the slot being dispatched
+                        self.lent_at[slot] = self.now
+                        if self.kinds[waiter] == "borrower":
+                            self.holders[slot] = waiter
+                        else:
+                            self.pipes[slot] = [waiter]
+                    else:
+                        assert self.kinds[waiter] == "statement", (
+                            f"borrower {waiter} granted slot {slot}, not {ready}"
+                        )
+                        assert slot in self.pipes, f"statement granted slot {slot}, not pipelining"
+                        assert self._accepts(slot), (
+                            f"statement placed on slot {slot}: held, full or drained"
+                        )
+                        assert len(self.pipes[slot]) == self._least_busy(), "not the least busy"
+                        self.pipes[slot].append(waiter)
                     self._left_queue(waiter)
                     self.done.add(waiter)
-                    self.holders[slot] = waiter
-                    self.lent_at[slot] = self.now
                 case Reject(waiter=waiter):
                     assert policy.closed, "rejected while open"
                     oldest = next(iter(self.queue), None)
@@ -341,6 +401,7 @@ class PolicyMachine(RuleBasedStateMachine):
             [(slot, SlotState.CONNECTING) for slot in self.connecting]
             + [(slot, SlotState.IDLE) for slot in self.idle]
             + [(slot, SlotState.LENT) for slot in self.holders]
+            + [(slot, SlotState.PIPELINING) for slot in self.pipes]
             + [(slot, SlotState.RESETTING) for slot in self.resetting]
             + [(slot, SlotState.CLOSING) for slot in self.closing]
         )
@@ -349,6 +410,16 @@ class PolicyMachine(RuleBasedStateMachine):
         assert policy.size == self.size
         assert (policy.min_size, policy.max_size) == (self.min_size, self.max_size)
         assert not (self.idle and self.queue), "idle connections while clients wait"
+        for slot, statements in self.pipes.items():
+            assert statements, f"pipelining slot {slot} with nothing in flight"
+            assert len(statements) <= self.config.pipeline_depth, (
+                f"{len(statements)} statements in flight beyond pipeline_depth on slot {slot}"
+            )
+            assert policy.slots[slot].in_flight == len(statements)
+            assert policy.slots[slot].held == (slot in self.held), f"slot {slot} held?"
+        head = next(iter(self.queue), None)
+        if head is not None and self.kinds[head] == "statement":
+            assert self._least_busy() is None, f"statement {head} waits while a slot takes it"
         if self.closed:
             assert policy.closed
             assert not self.queue, "waiting after close"
@@ -376,6 +447,7 @@ class PolicyMachine(RuleBasedStateMachine):
         )
         due = [waiter_deadline for _, waiter_deadline, _ in self.queue.values()]
         due += [policy.slots[slot].expires_at for slot in self.idle]
+        due += [policy.slots[slot].expires_at for slot in self.pipes if slot not in self.held]
         if self.idle and self.size - len(self.closing) > self.min_size:
             due.append(policy.slots[self.idle[0]].idle_since + self.config.max_idle)
         assert deadline <= min(due, default=math.inf), f"next_deadline {deadline} too late"
@@ -395,6 +467,9 @@ class PolicyMachine(RuleBasedStateMachine):
     @initialize(config=configs())
     @step
     def start(self, config: Config) -> None:
+        self._start(config)
+
+    def _start(self, config: Config) -> None:
         self.config = config
         self.min_size, self.max_size = config.min_size, config.max_size
         self.policy = PoolPolicy[int](
@@ -405,6 +480,7 @@ class PolicyMachine(RuleBasedStateMachine):
             max_lifetime=config.max_lifetime,
             reconnect_timeout=config.reconnect_timeout,
             keep_idle=config.keep_idle,
+            pipeline_depth=config.pipeline_depth,
             random=cycling(config.randoms),
         )
         self._apply(self.policy.open())
@@ -419,10 +495,33 @@ class PolicyMachine(RuleBasedStateMachine):
                 self._check()
             self._request(wait)
 
-    def _request(self, wait: float | None) -> None:
+    @rule(
+        clients=st.integers(1, 4),
+        wait=st.none() | st.sampled_from([0.0, 0.5, 3.0, 20.0]),
+        cancel_last=st.booleans(),
+    )
+    @step
+    def statement(self, clients: int, wait: float | None, cancel_last: bool) -> None:
+        """One-shot statements (a burst of them); maybe the caller of the last
+        one is cancelled once it is sent."""
+        for i in range(clients):
+            if i:
+                self._check()
+            self._request(wait, "statement")
+        sent_on = [
+            slot for slot, statements in self.pipes.items() if self.next_waiter - 1 in statements
+        ]
+        if cancel_last and sent_on:
+            self._check()
+            self._statement_cancelled(sent_on[0], last=True)
+
+    def _request(self, wait: float | None, kind: Kind = "borrower") -> None:
         waiter, self.next_waiter = self.next_waiter, self.next_waiter + 1
+        self.kinds[waiter] = kind
         deadline = math.inf if wait is None else self.now + wait
         top = self.idle[-1] if self.idle else None
+        least_busy = self._least_busy()
+        placed = kind == "statement" and not self.queue and (top, least_busy) != (None, None)
         room = self.max_size is None or self.size < self.max_size
         queued = self.config.keep_idle or not room  # else a connection opens for it
         n_queued = sum(q for _, _, q in self.queue.values())
@@ -430,26 +529,46 @@ class PolicyMachine(RuleBasedStateMachine):
             queued and bool(self.config.max_waiting) and n_queued >= self.config.max_waiting
         )
         try:
-            result = self.policy.request(waiter, self.now, deadline)
+            result = self.policy.request(waiter, self.now, deadline, statement=kind == "statement")
         except PolicyClosed:
             assert self.closed
             self.counters.requests_errors += 1
             return
         except QueueFull:
-            assert not self.closed and top is None and queue_full
+            assert not self.closed and not placed and queue_full
+            assert kind == "statement" or top is None
             self.counters.requests_errors += 1
             return
         assert not self.closed
         self.counters.requests_num += 1
-        if isinstance(result, int):
+        if isinstance(result, int) and kind == "borrower":
             assert result == top, f"lent slot {result}, not the top of the idle stack {top}"
             self.idle.pop()
             self.holders[result] = waiter
             self.lent_at[result] = self.now
             self.done.add(waiter)
+        elif isinstance(result, int):
+            if result in self.pipes:
+                assert self._accepts(result), (
+                    f"statement placed on slot {result}: held, full or drained"
+                )
+            assert placed, f"statement {waiter} placed on slot {result}, jumping the queue"
+            if top is not None:
+                assert result == top, f"statement on slot {result}, not the idle {top}"
+                self.idle.pop()
+                self.pipes[result] = [waiter]
+                self.lent_at[result] = self.now
+            else:
+                assert result in self.pipes and self._accepts(result), (
+                    f"statement placed on slot {result}: held, full or drained"
+                )
+                assert len(self.pipes[result]) == least_busy, "not the least busy slot"
+                self.pipes[result].append(waiter)
+            self.done.add(waiter)
         elif deadline <= self.now:
             # Will not wait: expired at once, the pool growing for it (not a null pool).
-            assert top is None and not queue_full
+            assert not placed and not queue_full
+            assert kind == "statement" or top is None
             assert result[-1:] == [Expire(waiter, 0.0)], result
             self.counters.requests_errors += 1
             self.done.add(waiter)
@@ -457,7 +576,8 @@ class PolicyMachine(RuleBasedStateMachine):
             if not self.config.keep_idle:
                 assert result == [Expire(waiter, 0.0)]
         else:
-            assert top is None and not queue_full
+            assert not placed and not queue_full, f"{kind} {waiter} queued, yet a slot takes it"
+            assert kind == "statement" or top is None
             self.counters.requests_queued += queued
             self.queue[waiter] = (self.now, deadline, queued)
             self._apply(result)
@@ -472,7 +592,7 @@ class PolicyMachine(RuleBasedStateMachine):
             self._left_queue(waiter)
             self.done.add(waiter)
             self.counters.requests_errors += timed_out
-        self.policy.cancel(waiter, self.now, timed_out=timed_out)
+        self._apply(self.policy.cancel(waiter, self.now, timed_out=timed_out))
 
     @precondition(lambda self: bool(self.holders))
     @rule(pick=PICK, outcome=st.sampled_from(Outcome), everyone=st.booleans())
@@ -528,8 +648,9 @@ class PolicyMachine(RuleBasedStateMachine):
 
         In turn: a connection attempt succeeds, a reset succeeds, a close ends,
         a client returns the connection it has held longest (in a transaction
-        one time in three).  Being the only rule without arguments, this is the
-        one hypothesis picks most often: it keeps connections flowing.
+        one time in three), the statements in flight on the oldest pipelining
+        slot are answered.  Being the only rule without arguments, this is
+        the one hypothesis picks most often: it keeps connections flowing.
         """
         self.progress_turn += 1
         turn = self.progress_turn
@@ -545,8 +666,64 @@ class PolicyMachine(RuleBasedStateMachine):
             oldest = min(self.holders, key=self.lent_at.__getitem__)
             outcome = Outcome.DIRTY if turn % 3 == 0 else Outcome.CLEAN
             pending.append(lambda: self._release(oldest, outcome))
+        if self.pipes:
+            first = next(iter(self.pipes))
+            pending.append(lambda: self._statements_done(first, len(self.pipes[first])))
         if pending:
             pending[turn % len(pending)]()
+
+    # -- one-shot statements in flight -----------------------------------------------------
+
+    @precondition(lambda self: bool(self.pipes))
+    @rule(pick=PICK, count=PICK)
+    @step
+    def statements_done(self, pick: int, count: int) -> None:
+        """The first statements in flight on a pipelining slot are answered."""
+        slot = sorted(self.pipes)[pick % len(self.pipes)]
+        self._statements_done(slot, 1 + count % len(self.pipes[slot]))
+
+    def _statements_done(self, slot: int, count: int) -> None:
+        statements = self.pipes[slot]
+        del statements[:count]
+        if statements:
+            self._apply(self.policy.statements_done(slot, self.now, count))
+            return
+        fate = self._dispatch_fate(slot, expires_at=self.policy.slots[slot].expires_at)
+        del self.pipes[slot]
+        self.held.discard(slot)
+        self.counters.usage_ms += ms(self.now - self.lent_at.pop(slot))
+        self._apply(self.policy.statements_done(slot, self.now, count), ready=slot, fate=fate)
+
+    @precondition(lambda self: bool(self.pipes))
+    @rule(pick=PICK, which=PICK)
+    @step
+    def statement_cancelled(self, pick: int, which: int) -> None:
+        """The caller of a statement in flight was cancelled: the shell asks whether
+        it may send a cancel request (only for the last statement sent)."""
+        slot = sorted(self.pipes)[pick % len(self.pipes)]
+        statements = self.pipes[slot]
+        self._statement_cancelled(slot, last=which % len(statements) == len(statements) - 1)
+
+    def _statement_cancelled(self, slot: int, *, last: bool) -> None:
+        may_cancel = self.policy.statement_cancelled(slot, last=last)
+        assert may_cancel == last, f"cancel request allowed: {may_cancel}, last: {last}"
+        if last:
+            self.held.add(slot)
+
+    @precondition(lambda self: bool(self.pipes))
+    @rule(pick=PICK)
+    @step
+    def pipeline_broken(self, pick: int) -> None:
+        """A pipelining connection breaks: its statements fail, it is replaced."""
+        slot = sorted(self.pipes)[pick % len(self.pipes)]
+        actions = self.policy.pipeline_broken(slot, self.now)
+        assert actions[:1] == [Close(slot)]
+        del self.pipes[slot]
+        self.held.discard(slot)
+        self.counters.usage_ms += ms(self.now - self.lent_at.pop(slot))
+        self.counters.connections_lost += 1
+        self.closing.add(slot)
+        self._apply(actions[1:])
 
     # -- connections -----------------------------------------------------------------------
 
@@ -716,6 +893,8 @@ class PolicyMachine(RuleBasedStateMachine):
             self._apply(actions)
         finally:
             self.resizing = False
+        if self._over_max():  # pipelining slots drain; the surplus closes then
+            self.held.update(self.pipes)
 
     @rule(since=st.none() | st.integers(0, 12))
     @step
@@ -753,6 +932,7 @@ class PolicyMachine(RuleBasedStateMachine):
         policy, now = self.policy, self.now
         due = {w for w, (_, deadline, _) in self.queue.items() if deadline <= now}
         expired = {slot for slot in self.idle if policy.slots[slot].expires_at <= now}
+        self.held.update(slot for slot in self.pipes if policy.slots[slot].expires_at <= now)
         actions = policy.tick(now)
         assert {a.waiter for a in actions if isinstance(a, Expire)} == due
         closed = {a.slot for a in actions if isinstance(a, Close)}
@@ -812,6 +992,9 @@ class PolicyMachine(RuleBasedStateMachine):
         for _ in range(10_000):
             if self.holders:
                 self._release(min(self.holders), Outcome.CLEAN)
+            elif self.pipes:
+                slot = min(self.pipes)
+                self._statements_done(slot, len(self.pipes[slot]))
             elif self.resetting:
                 self._reset_done(min(self.resetting), ok=True)
             elif self.closing:
@@ -841,6 +1024,21 @@ MACHINE_SETTINGS = settings(
 
 def test_policy_state_machine() -> None:
     run_state_machine_as_test(PolicyMachine, settings=MACHINE_SETTINGS)
+
+
+class BusyPolicyMachine(PolicyMachine):
+    """The same machine on small pools that statements keep busy (`busy_configs`)."""
+
+    @initialize(config=busy_configs())
+    @step
+    def start(self, config: Config) -> None:
+        self._start(config)
+
+
+def test_busy_policy_state_machine() -> None:
+    run_state_machine_as_test(
+        BusyPolicyMachine, settings=settings(MACHINE_SETTINGS, max_examples=150)
+    )
 
 
 # -- the invariants can fail: planted bugs ---------------------------------------------------
@@ -924,14 +1122,99 @@ def plant_over_close(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(PoolPolicy, "_staying", lambda self: len(self.slots))
 
 
+def plant_lend_pipelining(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A borrower that finds no idle connection is lent a pipelining one."""
+    request = PoolPolicy.request
+
+    def lend_busy(
+        self: PoolPolicy[int], waiter: int, now: float, deadline: float = math.inf, **kw: bool
+    ) -> int | list[Action[int]]:
+        if not kw.get("statement") and not self._idle and self._pipelining and not self.closed:
+            slot = next(iter(self._pipelining.values()))
+            del self._pipelining[slot.id]
+            slot.state, slot.in_flight, slot.lent_at = SlotState.LENT, 0, now
+            self.counters.requests_num += 1
+            return slot.id
+        return request(self, waiter, now, deadline, **kw)
+
+    monkeypatch.setattr(PoolPolicy, "request", lend_busy)
+
+
+def plant_unbounded_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipelining slots take statements beyond ``pipeline_depth``."""
+    monkeypatch.setattr(
+        PoolPolicy,
+        "_accepts",
+        lambda self, slot: not slot.held and slot.generation == self._generation,
+    )
+
+
+def plant_ignored_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A held slot (a cancel request may follow) still takes statements."""
+    monkeypatch.setattr(
+        PoolPolicy,
+        "_accepts",
+        lambda self, slot: (
+            slot.in_flight < self.pipeline_depth and slot.generation == self._generation
+        ),
+    )
+
+
+def plant_statement_jumps_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new statement is placed on a pipelining slot although clients wait."""
+    request = PoolPolicy.request
+
+    def jump(
+        self: PoolPolicy[int], waiter: int, now: float, deadline: float = math.inf, **kw: bool
+    ) -> int | list[Action[int]]:
+        if kw.get("statement") and self._waiters and not self.closed:
+            slot = self._least_busy()
+            if slot is not None:
+                slot.in_flight += 1
+                self.counters.requests_num += 1
+                return slot.id
+        return request(self, waiter, now, deadline, **kw)
+
+    monkeypatch.setattr(PoolPolicy, "request", jump)
+
+
+def plant_unfed_statements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Room made on a pipelining slot does not let waiting statements in."""
+    done = PoolPolicy.statements_done
+
+    def statements_done(
+        self: PoolPolicy[int], slot_id: int, now: float, count: int
+    ) -> list[Action[int]]:
+        slot = self.slots[slot_id]
+        if slot.state is SlotState.PIPELINING and 0 < count < slot.in_flight:
+            slot.in_flight -= count
+            return []
+        return done(self, slot_id, now, count)
+
+    monkeypatch.setattr(PoolPolicy, "statements_done", statements_done)
+
+
 PLANTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
-    # plant: (how, a message of the invariant expected to catch it)
+    # plant: (how, a message of the invariant expected to catch it); those of
+    # statements run on `BusyPolicyMachine`
     "lifo_service": (plant_lifo_service, "FIFO"),
     "unbounded_grow": (plant_unbounded_grow, "beyond max_size"),
     "missing_wake": (plant_missing_wake, "without a Wake"),
     "no_refill": (plant_no_refill, "below min_size once settled"),
     "forgotten_waiter": (plant_forgotten_waiter, "policy chose idle"),
     "over_close": (plant_over_close, "idle for a surplus|idle shrink closed|policy chose close"),
+    "lend_pipelining": (plant_lend_pipelining, "lent slot|differs|==|state"),
+    "unbounded_depth": (plant_unbounded_depth, "beyond pipeline_depth|held, full or drained"),
+    "ignored_hold": (plant_ignored_hold, "held, full or drained"),
+    "statement_jumps_queue": (plant_statement_jumps_queue, "jumping the queue"),
+    "unfed_statements": (plant_unfed_statements, "waits while a slot takes it"),
+}
+BUSY_PLANTS = {
+    "unbounded_depth",
+    "ignored_hold",
+    "statement_jumps_queue",
+    "unfed_statements",
+    "lend_pipelining",
 }
 
 PLANT_SETTINGS = settings(
@@ -958,9 +1241,10 @@ def test_state_machine_catches_planted_bugs(
 ) -> None:
     how, expected = PLANTS[plant]
     how(monkeypatch)
+    machine = BusyPolicyMachine if plant in BUSY_PLANTS else PolicyMachine
     started = time.perf_counter()
     with pytest.raises(AssertionError) as caught:
-        run_state_machine_as_test(PolicyMachine, settings=PLANT_SETTINGS)
+        run_state_machine_as_test(machine, settings=PLANT_SETTINGS)
     elapsed = time.perf_counter() - started
     steps = _steps(caught.value)
     with capsys.disabled():

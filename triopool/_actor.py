@@ -8,14 +8,39 @@ the scheduler's inbox; it never decides anything itself::
     [wait `after`] ─► connect + configure ──ok──► Connected ─► serve commands:
          ▲                 │                                    RESET ─► ResetDone
          │              failed                                  CHECK ─► Checked
-         │                 ▼                                    CLOSE ─► (end)
-         └── Retry(at) ◄─ ConnectFailed  (or CLOSE: end)
+         │                 ▼                                    PIPELINE ─► StatementsDone...
+         └── Retry(at) ◄─ ConnectFailed  (or CLOSE: end)                    (or PipelineBroken)
+                                                                CLOSE ─► (end)
                                                         at the end: Ended
 
 While its connection is lent to a client the actor has nothing to do: the
 client owns the connection until it gives it back to the scheduler.  An
 actor cancelled (the pool stopping) closes its connection, unless a client
 holds it: then the pool closes it when it comes back.
+
+**One-shot statements** (the pool's ``fetch``, ``execute``...) are the
+actor's own work: the scheduler hands it each statement the policy placed on
+its slot (`ConnectionActor.submit`, in the scheduler's turn: adapting and
+writing into libpq's output buffer never waits) and writes the buffer once
+per turn (`ConnectionActor.flush`); the actor reads, in one loop while any is
+in flight (the PIPELINE command starts it), delivers each result to its
+caller (`trio.lowlevel.reschedule`) and reports how many are done
+(`StatementsDone`).  Statements go out in libpq pipeline mode, each with its
+own Sync (`triopool.connection.StatementPipeline`): one write and one read
+carry many, and one statement's error touches no other.
+
+* A caller cancelled while its statement is in flight is not waited for:
+  its result is dropped when it comes.  A cancel request goes to the server
+  only when every statement in flight on the connection is one whose caller
+  was cancelled, and only if the policy held the slot (no statement is sent
+  after the cancelled one): it cannot hit another caller's statement.
+  Otherwise the statement runs to its end on the server (and commits if it
+  succeeds).
+* A connection that breaks with statements in flight (read, write, or a
+  statement that left a transaction open) is closed at once and reported
+  (`PipelineBroken`); the scheduler fails every statement still in flight
+  on it and the policy replaces it.  Statements in flight when the pool
+  stops get `PoolClosed`.
 
 `Connector` makes connections (for actors, a null pool's ``wait`` and the
 listener): it resolves the conninfo and kwargs (callables are called for
@@ -35,13 +60,21 @@ from dataclasses import dataclass
 from traceback import StackSummary
 from typing import Any, Final, Protocol, TypeAlias
 
+import outcome
 import psycopg
 import trio
 from psycopg import pq
-from trio.lowlevel import Task
+from trio.lowlevel import Task, reschedule
 
 from ._policy import BROKEN, CLEAN, DIRTY, Outcome
-from .connection import Connection
+from .connection import (
+    _CANCEL_RETRY_DELAY,
+    TOTAL_ROWCOUNT,
+    BrokenPipeline,
+    Connection,
+    StatementPipeline,
+)
+from .errors import PoolClosed
 
 logger = logging.getLogger("triopool")
 
@@ -173,6 +206,16 @@ async def autocommit(conn: AnyConnection) -> AsyncIterator[AnyConnection]:
         )
 
 
+def fail(callers: list[Caller], error: psycopg.Error) -> None:
+    """Wake `callers` (those still waiting) with `error`, each with an error of its own."""
+    for caller in callers:
+        if caller.alive:
+            caller.alive = False
+            mine = type(error)(*error.args)
+            mine.__cause__ = error.__cause__
+            reschedule(caller.task, outcome.Error(mine))
+
+
 async def check_connection(conn: AnyConnection) -> None:
     """A ready-made ``check`` callback: one cheap round trip to the server.
 
@@ -282,8 +325,23 @@ class Retry:
 
 RESET: Final = "reset"  # roll back / run ``reset``, then report ResetDone
 CHECK: Final = "check"  # run `check_connection`, then report Checked
+PIPELINE: Final = "pipeline"  # read the statements in flight until none is left
 CLOSE: Final = "close"  # close the connection and end
 Command: TypeAlias = Retry | str
+
+
+class Caller(Protocol):
+    """A one-shot statement's caller, as the scheduler gives it (`ConnectionActor.submit`).
+
+    `alive` is true while the caller waits for its outcome; the actor wakes
+    it (``reschedule(task, ...)``) and clears it.
+    """
+
+    alive: bool
+    task: Task
+    query: Any
+    params: Any
+    shape: int
 
 
 # -- what an actor tells the scheduler ------------------------------------------
@@ -314,6 +372,22 @@ class Checked:
 
 
 @dataclass(frozen=True, slots=True)
+class StatementsDone:
+    """`count` statements in flight on the actor's connection are done."""
+
+    actor: ConnectionActor
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineBroken:
+    """The connection broke with statements in flight (it is closed)."""
+
+    actor: ConnectionActor
+    error: BrokenPipeline
+
+
+@dataclass(frozen=True, slots=True)
 class Ended:
     actor: ConnectionActor
 
@@ -324,18 +398,24 @@ class ConnectionActor:
     Attributes the scheduler and clients read or set (never across a
     checkpoint of this actor): `conn` (once connected), `lease` (the loan of
     the connection to a client: set by the scheduler when it lends it,
-    cleared when the client gives it back), `poller` (for `alive`).
+    cleared when the client gives it back), `poller` (for `alive`),
+    `pipeline` (one-shot statements, once it carried one) and `reading`
+    (its loop reading statements runs, or is asked to).
     """
 
     __slots__ = (
+        "_cancel_wanted",
         "_close_requested",
         "_commands",
         "_connect_scope",
+        "_wake_scope",
         "conn",
         "lease",
         "mailbox",
         "name",
+        "pipeline",
         "poller",
+        "reading",
         "slot",
     )
 
@@ -349,6 +429,12 @@ class ConnectionActor:
         self.mailbox, self._commands = trio.open_memory_channel[Command](math.inf)
         self._connect_scope = trio.CancelScope()  # the attempt in progress
         self._close_requested = False
+        self.pipeline: StatementPipeline[Caller] | None = None
+        self.reading = False
+        # Around the waits of the reading loop: cancelled to wake it (output to
+        # write that the socket did not take; a cancel request wanted).
+        self._wake_scope: trio.CancelScope | None = None
+        self._cancel_wanted = False
 
     def __repr__(self) -> str:
         return f"<ConnectionActor {self.name!r} slot {self.slot}>"
@@ -384,14 +470,133 @@ class ConnectionActor:
                 async for command in self._commands:
                     if command is CLOSE:
                         break
-                    if command is RESET:
+                    if command is PIPELINE:
+                        await self._read_statements(report)
+                    elif command is RESET:
                         report(ResetDone(self, await self._reset(self.conn, reset, timeout)))
                     elif command is CHECK:
                         report(Checked(self, await self._check(self.conn, timeout)))
         finally:
             if self.conn is not None and self.lease is None:
                 self.conn._close_now()
+            if self.pipeline is not None:  # the pool stopped: the scheduler is gone
+                callers, _ = self.pipeline.abandon()
+                fail(callers, PoolClosed("the pool was closed with the statement in flight"))
             report(Ended(self))
+
+    # -- one-shot statements ---------------------------------------------------------
+
+    def submit(self, caller: Caller) -> None:
+        """Send `caller`'s statement on this actor's connection (the scheduler's turn).
+
+        Never waits: the statement goes into libpq's output buffer (see `flush`)
+        and the actor is asked to read (PIPELINE) unless it does already.
+
+        Raises:
+            BrokenPipeline: the connection is broken.
+            Exception: the statement could not be adapted (nothing was sent).
+        """
+        pipeline = self.pipeline
+        if pipeline is None:
+            assert self.conn is not None
+            pipeline = self.pipeline = StatementPipeline(self.conn)
+        if caller.shape == TOTAL_ROWCOUNT:
+            pipeline.send_many(caller, caller.query, caller.params)
+        else:
+            pipeline.send(caller, caller.query, caller.params, caller.shape)
+        if not self.reading:
+            self.reading = True
+            self.command(PIPELINE)
+
+    def flush(self) -> None:
+        """Write the statements submitted this turn (never waits).
+
+        What the socket does not take now the reading loop writes as it can.
+
+        Raises:
+            BrokenPipeline: the connection is broken.
+        """
+        assert self.pipeline is not None
+        if not self.pipeline.flush() and self._wake_scope is not None:
+            self._wake_scope.cancel()  # it waits to read only: wait to write too
+
+    def is_last(self, caller: object) -> bool:
+        """Whether `caller`'s statement is the last one sent on this connection."""
+        return self.pipeline is not None and self.pipeline.last is caller
+
+    def want_cancel(self) -> None:
+        """Ask the server to cancel what runs, once every statement in flight is
+        one whose caller was cancelled (the policy holds the slot meanwhile)."""
+        self._cancel_wanted = True
+        if self._wake_scope is not None:
+            self._wake_scope.cancel()
+
+    async def _read_statements(self, report: Report) -> None:  # noqa: ASYNC910  # runs with statements in flight: the loop awaits
+        """Read and deliver the statements in flight until none is left (PIPELINE)."""
+        pipeline = self.pipeline
+        assert pipeline is not None
+        try:
+            while pipeline.in_flight:
+                if self._cancel_wanted and self._only_abandoned():
+                    await self._cancel_abandoned(pipeline, report)
+                    continue
+                with trio.CancelScope() as self._wake_scope:  # noqa: ASYNC912  # the wake-up scope: the scheduler cancels it
+                    while pipeline.in_flight:
+                        await pipeline.wait()
+                        self._deliver(pipeline.read(), report)
+                        if self._cancel_wanted and self._only_abandoned():
+                            break
+                self._wake_scope = None
+        except BrokenPipeline as error:
+            if self.conn is not None:
+                self.conn._close_now()
+            report(PipelineBroken(self, error))
+        finally:
+            self._wake_scope = None
+            self._cancel_wanted = False
+            self.reading = False
+
+    def _only_abandoned(self) -> bool:
+        """Every statement in flight is one whose caller was cancelled."""
+        assert self.pipeline is not None
+        return not any(caller.alive for caller in self.pipeline.tokens())
+
+    async def _cancel_abandoned(self, pipeline: StatementPipeline[Caller], report: Report) -> None:  # noqa: ASYNC910  # runs with statements in flight: the loop awaits
+        """Cancel on the server the statements of cancelled callers, all that is in flight.
+
+        A cancel request that reaches the server before it started the
+        statement is ignored: it is repeated (after 0.05 s, 0.1 s...) while
+        such statements are in flight.  Nothing new is sent meanwhile (the
+        policy holds the slot), so a request can hit none but them.
+        """
+        conn = self.conn
+        assert conn is not None
+        delay = _CANCEL_RETRY_DELAY
+        while pipeline.in_flight and self._only_abandoned():
+            with trio.move_on_after(conn.cancel_timeout):  # noqa: ASYNC912  # bounds the cancel request, which is the cancel point
+                try:
+                    await conn._send_cancel_request()
+                except psycopg.Error as ex:
+                    logger.debug("%s: cancel request failed: %s", self.name, ex)
+            with trio.move_on_after(delay):  # noqa: ASYNC912  # bounds the wait for the answer
+                while pipeline.in_flight:
+                    await pipeline.wait()
+                    self._deliver(pipeline.read(), report)
+            delay *= 2
+
+    def _deliver(self, done: list[tuple[Caller, outcome.Outcome[Any]]], report: Report) -> None:
+        """Wake the callers of the statements `done`; tell the scheduler how many."""
+        if not done:
+            return
+        for caller, result in done:
+            if caller.alive:
+                caller.alive = False
+                reschedule(caller.task, result)
+            elif isinstance(result, outcome.Error):
+                logger.debug(
+                    "%s: dropped the error of a cancelled caller: %s", self.name, result.error
+                )
+        report(StatementsDone(self, len(done)))
 
     async def _wait_until(self, at: float) -> bool:
         """Sleep until `at` unless told to close first; False if told to close."""

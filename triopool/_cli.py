@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from ._bench._results import Settings
 
-WORKLOADS = ("select1", "txn", "mixed")
+WORKLOADS = ("select1", "txn", "mixed", "fetchval")
 HELP_HINT = "see 'triopool bench --help'"
 
 
@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=WORKLOADS,
         default="select1",
         help="select1: SELECT 1; txn: a short read-write transaction on a temp"
-        " table; mixed: 80/20 of both (default select1)",
+        " table; mixed: 80/20 of both; fetchval: the one-shot call pool.fetchval('SELECT"
+        " 1') (asyncpg's too; psycopg_pool, which has none, runs select1) (default"
+        " select1)",
     )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.add_argument(

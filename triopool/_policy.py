@@ -10,18 +10,35 @@ changes nothing.
 Each connection has a *slot*, identified by an int and in exactly one state::
 
     CONNECTING ──connected──► (dispatch) ──► LENT ──release──► (dispatch)
-         │                       │  ▲                 │ dirty
-         │ failed: backoff/      │  └──── IDLE ◄──────┤
-         │ give up               │                    ▼
-         ▼                       └──► CLOSING ◄── RESETTING ──reset_done──► (dispatch)
-      (removed)                           │
-                                          └── closed ──► (removed)
+         │                    │  │  ▲                 │ dirty
+         │ failed: backoff/   │  │  └──── IDLE ◄──────┤
+         │ give up            │  │         │          ▼
+         ▼                    │  │         ▼      RESETTING ──reset_done──► (dispatch)
+      (removed)               │  └──► PIPELINING ──statements_done (none left)──► (dispatch)
+                              │            │ broken
+                              └──► CLOSING ◄┘  ──closed──► (removed)
 
 *Dispatch* is the one place a connection becomes available: it goes to the
 first waiter (FIFO), else to the idle stack, else (surplus, expired, drained,
 null pool) it is closed.  A slot counts towards ``size`` from ``open`` until
 the shell reports it ``closed``, so ``size <= max_size`` holds for the server
 too.  Methods return the actions the shell must carry out, in order.
+
+Two kinds of clients share the queue, in one arrival order: *borrowers*
+(``connection()``, ``getconn``), who get a connection of their own (LENT),
+and *statements* (the one-shot calls), which the pool sends on a connection
+in pipeline mode.  A PIPELINING slot carries ``in_flight`` statements (1 to
+``pipeline_depth``) and is never lent: it is dispatched again once the shell
+reports them all done.  A new statement goes to an idle slot, else to the
+pipelining slot with the fewest in flight that *accepts* more (room below
+``pipeline_depth``, not held, not drained), else it queues.  Nobody jumps
+the queue: a statement that arrives while clients wait queues behind them,
+and while a borrower waits at the head no statement is placed at all, so
+pipelining slots drain and the borrower gets the first one that does.  A
+slot stops accepting statements (it is *held*) when its ``max_lifetime``
+passes, when a ``resize`` leaves the pool above ``max_size``, and when the
+shell may send a cancel request on it (`PoolPolicy.statement_cancelled`):
+then no statement sent after the cancelled one can be hit by that request.
 
 Nothing is opened before `PoolPolicy.open`.  Growth: a waiter that no
 connection attempt (nor a reset) is coming for makes the pool open one, up to
@@ -38,7 +55,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final, Generic, TypeAlias, TypeVar
+from typing import Final, Generic, TypeVar
 
 W = TypeVar("W", bound=Hashable)
 
@@ -87,6 +104,7 @@ class SlotState(Enum):
     CONNECTING = "connecting"
     IDLE = "idle"
     LENT = "lent"
+    PIPELINING = "pipelining"
     RESETTING = "resetting"
     CLOSING = "closing"
 
@@ -103,6 +121,7 @@ class Outcome(Enum):
 # ~70 ns, a module global ~10 ns, and a request and its return do about ten.
 LENT: Final = SlotState.LENT
 IDLE: Final = SlotState.IDLE
+PIPELINING: Final = SlotState.PIPELINING
 CLEAN: Final = Outcome.CLEAN
 DIRTY: Final = Outcome.DIRTY
 BROKEN: Final = Outcome.BROKEN
@@ -194,6 +213,8 @@ class Slot:
     backoff: Backoff | None = None  # while connection attempts fail
     # Started while clients waited (or for one): counts as coming for waiters.
     for_waiters: bool = False
+    in_flight: int = 0  # PIPELINING: statements sent and not done
+    held: bool = False  # PIPELINING: takes no new statement until none is left
 
 
 @dataclass(slots=True)
@@ -216,11 +237,17 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
-#: A client waiting for a connection: since when, until when, and whether it
-#: counts as queued (psycopg_pool's ``requests_queued``, ``requests_waiting``;
-#: not for a null pool's request that has a connection opened for it at once).
-#: (A tuple: made for every request that waits, it must be cheap.)
-_Waiter: TypeAlias = tuple[float, float, bool]
+@dataclass(slots=True)
+class _Waiter:
+    """A client waiting for a connection."""
+
+    since: float
+    deadline: float
+    #: Counted as queued (psycopg_pool's ``requests_queued``, ``requests_waiting``):
+    #: false for a null pool's request that has a connection opened for it at once.
+    queued: bool
+    #: A one-shot statement (pipelined), not a borrower.
+    statement: bool = False
 
 
 @dataclass
@@ -229,6 +256,7 @@ class PoolPolicy(Generic[W]):
 
     ``max_size=None`` means no limit (the null pool's ``max_size=0``).
     ``keep_idle=False`` gives the null pool: no connection is kept idle.
+    ``pipeline_depth``: most statements in flight on one connection.
     Nothing is opened until `open` (sizes may change before).
     """
 
@@ -239,6 +267,7 @@ class PoolPolicy(Generic[W]):
     max_lifetime: float = 3600.0
     reconnect_timeout: float = 300.0
     keep_idle: bool = True
+    pipeline_depth: int = 16
     random: Callable[[], float] = field(default=lambda: 0.5, repr=False)
 
     opened: bool = field(default=False, init=False)
@@ -248,6 +277,7 @@ class PoolPolicy(Generic[W]):
     #: The error of the last failed connection attempt (opaque to the policy).
     last_error: object = field(default=None, init=False, repr=False)
     _idle: list[int] = field(default_factory=list, init=False, repr=False)  # LIFO stack
+    _pipelining: dict[int, Slot] = field(default_factory=dict, init=False, repr=False)
     # Waiting clients, in arrival order.
     _waiters: OrderedDict[W, _Waiter] = field(default_factory=OrderedDict, init=False, repr=False)
     _queued: int = field(default=0, init=False, repr=False)  # waiters counted as queued
@@ -300,7 +330,7 @@ class PoolPolicy(Generic[W]):
         return list(self._waiters)
 
     def ready(self) -> int:
-        """Connections established (idle, lent or being reset)."""
+        """Connections established (idle, lent, pipelining or being reset)."""
         return sum(1 for slot in self.slots.values() if slot.state in _READY)
 
     def next_deadline(self) -> float:
@@ -316,6 +346,9 @@ class PoolPolicy(Generic[W]):
                 deadline = oldest.idle_since + self.max_idle
             for slot_id in self._idle:
                 deadline = min(deadline, self.slots[slot_id].expires_at)
+        for slot in self._pipelining.values():
+            if not slot.held:
+                deadline = min(deadline, slot.expires_at)
         self._timer_at = deadline
         return deadline
 
@@ -330,14 +363,20 @@ class PoolPolicy(Generic[W]):
 
     # -- clients -----------------------------------------------------------
 
-    def request(self, waiter: W, now: float, deadline: float = math.inf) -> int | list[Action[W]]:
+    def request(
+        self, waiter: W, now: float, deadline: float = math.inf, *, statement: bool = False
+    ) -> int | list[Action[W]]:
         """A client asks for a connection, waiting at most until `deadline`.
 
-        Returns the slot lent to it at once, or the actions to carry out while
-        it waits (it is queued: expect a `Grant`, `Expire` or `Reject` for it
-        later, unless it `cancel`s first).  A client that would have to wait
-        past its `deadline` gets its `Expire` among the actions at once; the
-        pool still grows for it, so that a next request may be served.
+        `statement`: the client is a one-shot statement, to be sent on a
+        PIPELINING slot (see the module docstring), not a borrower.
+
+        Returns the slot lent to it (the statement's slot) at once, or the
+        actions to carry out while it waits (it is queued: expect a `Grant`,
+        `Expire` or `Reject` for it later, unless it `cancel`s first).  A
+        client that would have to wait past its `deadline` gets its `Expire`
+        among the actions at once; the pool still grows for it, so that a
+        next request may be served.
 
         Raises:
             PolicyClosed: the pool is closed.
@@ -346,7 +385,11 @@ class PoolPolicy(Generic[W]):
         if self.closed:
             self.counters.requests_errors += 1
             raise PolicyClosed
-        if self._idle:
+        if statement:
+            if not self._waiters and (slot := self._place_statement(now)) is not None:
+                self.counters.requests_num += 1
+                return slot.id
+        elif self._idle:
             slot = self.slots[self._idle.pop()]
             slot.state = LENT
             slot.lent_at = now
@@ -368,23 +411,27 @@ class PoolPolicy(Generic[W]):
         if queued:
             self.counters.requests_queued += 1
             self._queued += 1
-        self._waiters[waiter] = (now, deadline, queued)
+        self._waiters[waiter] = _Waiter(now, deadline, queued, statement)
         if deadline < math.inf:
             self._push_deadline(deadline, waiter, actions)
         self._grow(actions)
         return actions
 
-    def cancel(self, waiter: W, now: float, *, timed_out: bool = False) -> None:
+    def cancel(self, waiter: W, now: float, *, timed_out: bool = False) -> list[Action[W]]:
         """A queued client stopped waiting (cancelled, or its timeout expired).
 
-        Harmless if it is not queued any more.
+        Harmless if it is not queued any more.  Returns the actions for the
+        statements this lets through (a borrower at the head held them back).
         """
         entry = self._waiters.pop(waiter, None)
+        actions: list[Action[W]] = []
         if entry is None:
-            return
+            return actions
         self._left_queue(entry, now)
         if timed_out:
             self.counters.requests_errors += 1
+        self._serve_statements(now, actions)
+        return actions
 
     def release(
         self, slot_id: int, now: float, outcome: Outcome, *, by_pool: bool = False
@@ -429,6 +476,54 @@ class PoolPolicy(Generic[W]):
             self._close(slot, actions)
         return actions
 
+    def statements_done(self, slot_id: int, now: float, count: int) -> list[Action[W]]:
+        """`count` statements in flight on a PIPELINING slot are done (answered,
+        failed, or dropped for a cancelled caller).
+
+        With none left the slot is dispatched (its connection is idle again:
+        the next waiter, idle, or closed); else it takes waiting statements
+        while it accepts more.
+
+        Raises:
+            KeyError: `slot_id` is not pipelining.
+            ValueError: fewer than `count` statements are in flight on it.
+        """
+        slot = self._slot_in(slot_id, PIPELINING)
+        if not 0 < count <= slot.in_flight:
+            raise ValueError(f"{count} statements done, {slot.in_flight} in flight")
+        slot.in_flight -= count
+        actions: list[Action[W]] = []
+        if slot.in_flight:
+            self._serve_statements(now, actions)
+        else:
+            self._end_pipelining(slot, now)
+            self._dispatch(slot, now, actions)
+        return actions
+
+    def statement_cancelled(self, slot_id: int, *, last: bool) -> bool:
+        """The caller of a statement in flight on `slot_id` was cancelled.
+
+        `last`: its statement is the last one sent on that connection.
+        Returns whether the shell may ask the server to cancel what runs
+        there, once every statement in flight on it is one whose caller was
+        cancelled: only then, and only if the slot takes no new statement
+        meanwhile (it is held until none is left), can the request hit no
+        statement of another caller.
+        """
+        slot = self.slots.get(slot_id)
+        if not last or slot is None or slot.state is not PIPELINING:
+            return False
+        slot.held = True
+        return True
+
+    def pipeline_broken(self, slot_id: int, now: float) -> list[Action[W]]:
+        """A PIPELINING slot's connection broke: every statement in flight on it
+        failed; close it (it counts as lost) and replace it.
+        """
+        slot = self._slot_in(slot_id, PIPELINING)
+        self._end_pipelining(slot, now)
+        return self._lost(slot)
+
     def take_idle(self, slot_id: int, now: float) -> None:
         """Lend a specific idle connection to the pool itself (for `check()`).
 
@@ -443,6 +538,10 @@ class PoolPolicy(Generic[W]):
         """An idle connection was found dead: close it (it counts as lost)."""
         slot = self._slot_in(slot_id, SlotState.IDLE)
         self._idle.remove(slot_id)
+        return self._lost(slot)
+
+    def _lost(self, slot: Slot) -> list[Action[W]]:
+        """`slot`'s connection was found broken by the pool: close and replace it."""
         self.counters.connections_lost += 1
         actions: list[Action[W]] = []
         self._close(slot, actions)
@@ -532,12 +631,15 @@ class PoolPolicy(Generic[W]):
                 waiter = self._waiters.pop(entry[2])
                 self._left_queue(waiter, now)
                 self.counters.requests_errors += 1
-                actions.append(Expire(entry[2], waiter[1] - waiter[0]))
+                actions.append(Expire(entry[2], waiter.deadline - waiter.since))
         for slot_id in list(self._idle):
             slot = self.slots[slot_id]
             if slot.expires_at <= now:
                 self._idle.remove(slot_id)
                 self._close(slot, actions)
+        for slot in self._pipelining.values():
+            if slot.expires_at <= now:
+                slot.held = True  # closed once its statements are done
         while self._idle and self._staying() > self.min_size:
             oldest = self.slots[self._idle[0]]
             if oldest.idle_since + self.max_idle > now:
@@ -545,6 +647,7 @@ class PoolPolicy(Generic[W]):
             self._idle.pop(0)
             self._close(oldest, actions)
         self._refill(actions)
+        self._serve_statements(now, actions)
         return actions
 
     # -- administration ----------------------------------------------------
@@ -565,6 +668,10 @@ class PoolPolicy(Generic[W]):
                 break
             if slot.state is SlotState.CONNECTING:
                 self._close(slot, actions)
+        if self.max_size is not None and self._staying() > self.max_size:
+            # Still above: pipelining slots drain (the surplus is closed then).
+            for slot in self._pipelining.values():
+                slot.held = True
         self._refill(actions)
         self._grow(actions)
         actions.append(Wake())
@@ -591,7 +698,8 @@ class PoolPolicy(Generic[W]):
     def close(self) -> list[Action[W]]:
         """Stop serving: fail every waiter, close idle and connecting slots.
 
-        Lent and resetting connections are closed when they come back.
+        Lent, pipelining and resetting connections are closed when they come
+        back (pipelining ones when their statements are done).
         """
         if self.closed:
             return []
@@ -622,10 +730,9 @@ class PoolPolicy(Generic[W]):
 
     def _left_queue(self, waiter: _Waiter, now: float) -> None:
         """Book-keeping for a waiter leaving the queue (served, expired, cancelled)."""
-        since, _, queued = waiter
-        if queued:
+        if waiter.queued:
             self._queued -= 1
-            self.counters.requests_wait_ms += _ms(now - since)
+            self.counters.requests_wait_ms += _ms(now - waiter.since)
 
     def _dispatch(
         self, slot: Slot, now: float, actions: list[Action[W]], *, fresh: bool = False
@@ -645,11 +752,21 @@ class PoolPolicy(Generic[W]):
             self._refill(actions)
             self._grow(actions)
         elif self._waiters:
-            waiter, entry = self._waiters.popitem(last=False)
-            self._left_queue(entry, now)
-            slot.state = LENT
             slot.lent_at = now
-            actions.append(Grant(waiter, slot.id))
+            if next(iter(self._waiters.values())).statement:
+                slot.state = PIPELINING
+                self._pipelining[slot.id] = slot
+                self._grant_statement(slot, now, actions)  # the first, even if slot expired
+                self._serve_statements(now, actions)
+                if slot.expires_at < self._timer_at:  # held then (see `tick`)
+                    self._timer_at = slot.expires_at
+                    actions.append(Wake())
+            else:
+                waiter, entry = self._waiters.popitem(last=False)
+                self._left_queue(entry, now)
+                slot.state = LENT
+                actions.append(Grant(waiter, slot.id))
+                self._serve_statements(now, actions)  # the next may be statements
         elif self.keep_idle:
             slot.state = IDLE
             slot.idle_since = now
@@ -663,10 +780,71 @@ class PoolPolicy(Generic[W]):
         else:
             self._close(slot, actions)
 
+    def _accepts(self, slot: Slot) -> bool:
+        """Can PIPELINING `slot` take one more statement?"""
+        return (
+            slot.in_flight < self.pipeline_depth
+            and not slot.held
+            and slot.generation == self._generation
+        )
+
+    def _place_statement(self, now: float) -> Slot | None:
+        """The slot for a new statement nobody waits before, if one takes it.
+
+        An idle connection first (no wait behind other statements), else the
+        pipelining connection with the fewest statements in flight.
+        """
+        if self._idle:
+            slot = self.slots[self._idle.pop()]
+            slot.state = PIPELINING
+            slot.lent_at = now
+            self._pipelining[slot.id] = slot
+        else:
+            busy = self._least_busy()
+            if busy is None:
+                return None
+            slot = busy
+        slot.in_flight += 1
+        return slot
+
+    def _least_busy(self) -> Slot | None:
+        """The pipelining slot that accepts a statement with the fewest in flight."""
+        best: Slot | None = None
+        for slot in self._pipelining.values():
+            if self._accepts(slot) and (best is None or slot.in_flight < best.in_flight):
+                best = slot
+        return best
+
+    def _grant_statement(self, slot: Slot, now: float, actions: list[Action[W]]) -> None:
+        """The first waiter, a statement, is sent on PIPELINING `slot`."""
+        waiter, entry = self._waiters.popitem(last=False)
+        self._left_queue(entry, now)
+        slot.in_flight += 1
+        actions.append(Grant(waiter, slot.id))
+
+    def _serve_statements(self, now: float, actions: list[Action[W]]) -> None:
+        """Place the statements at the head of the queue while slots accept them.
+
+        Called wherever the head of the queue or a slot's room may change.
+        """
+        waiters = self._waiters
+        while waiters and next(iter(waiters.values())).statement:
+            slot = self._least_busy()
+            if slot is None:
+                return
+            self._grant_statement(slot, now, actions)
+
+    def _end_pipelining(self, slot: Slot, now: float) -> None:
+        """`slot` has no statement in flight any more (done, or broken)."""
+        del self._pipelining[slot.id]
+        slot.in_flight = 0
+        slot.held = False
+        self.counters.usage_ms += _ms(now - slot.lent_at)
+
     def _queued_with(self, entry: tuple[float, int, W]) -> bool:
         """Is `entry` (of `_deadlines`) the deadline of a waiter still queued?"""
         waiter = self._waiters.get(entry[2])
-        return waiter is not None and waiter[1] == entry[0]
+        return waiter is not None and waiter.deadline == entry[0]
 
     def _push_deadline(self, deadline: float, waiter: W, actions: list[Action[W]]) -> None:
         if len(self._deadlines) > 2 * len(self._waiters) + 64:
@@ -735,4 +913,4 @@ class PoolPolicy(Generic[W]):
             missing -= 1
 
 
-_READY: Final = (SlotState.IDLE, SlotState.LENT, SlotState.RESETTING)
+_READY: Final = (SlotState.IDLE, SlotState.LENT, SlotState.PIPELINING, SlotState.RESETTING)

@@ -1,9 +1,10 @@
 """The scheduler actor: the one task that decides who gets which connection.
 
 Every request reaches the scheduler as a message on its inbox, an unbounded
-trio memory channel: clients' acquires (`Request`) and releases (`Release`),
-the connection actors' reports (`triopool._actor`), and the administrative
-calls (`Resize`, `Drain`, `CheckIdle`, `Shutdown`, `WaitReady`, `Attempted`).
+trio memory channel: clients' acquires (`Request`), one-shot statements
+(`Statement`) and releases (`Release`), the connection actors' reports
+(`triopool._actor`), and the administrative calls (`Resize`, `Drain`,
+`CheckIdle`, `Shutdown`, `WaitReady`, `Attempted`).
 The scheduler is the only owner of the pool's state, the pure policy
 (`triopool._policy.PoolPolicy`): each turn it waits for one message, drains
 whatever else arrived since its last turn, feeds the whole batch to the
@@ -33,6 +34,16 @@ Where each guarantee lives:
 * **No broken connection handed out from idle**: before lending an idle
   connection the scheduler looks at its socket without waiting
   (`triopool._actor.alive`); a dead one is closed and replaced.
+* **One-shot statements**: a `Statement` is queued and placed by the policy
+  like an acquire (one FIFO for both kinds); once placed on a slot it is
+  sent there at once (`triopool._actor.ConnectionActor.submit`), every
+  connection written to is flushed once at the end of the turn, and the
+  actor delivers its outcome to the caller.  A caller cancelled with its
+  statement in flight re-sends it dead: the policy says whether the actor
+  may send a cancel request (`PoolPolicy.statement_cancelled`).  A broken
+  pipeline (found by the actor, or here while writing) fails every
+  statement in flight on it, each caller with its own error, and its slot
+  is replaced.
 
 There is no bypass: a lone client that finds an idle connection also goes
 through the inbox (one more task switch; see the architecture docs for the
@@ -46,10 +57,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from traceback import StackSummary
+from typing import Any
 
 import outcome
+import psycopg
 import trio
-from trio.lowlevel import Abort, Task, reschedule
+from trio.lowlevel import Abort, Task, reschedule, wait_task_rescheduled
 
 from ._actor import (
     CHECK,
@@ -63,12 +76,16 @@ from ._actor import (
     ConnectionCallback,
     Connector,
     Ended,
+    PipelineBroken,
     ResetDone,
     Retry,
+    StatementsDone,
     alive,
+    fail,
 )
 from ._policy import (
     CLEAN,
+    PIPELINING,
     Action,
     Close,
     Expire,
@@ -84,6 +101,7 @@ from ._policy import (
     SlotState,
     Wake,
 )
+from .connection import BrokenPipeline
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
 logger = logging.getLogger("triopool")
@@ -117,6 +135,32 @@ class Request:
         self.alive = False
         self._post(self)
         return Abort.SUCCEEDED
+
+
+class Statement(Request):
+    """A one-shot statement: its caller's request, and what to send (see `Scheduler.execute`).
+
+    `shape` is what the caller gets back (`triopool.connection.ROWS`...);
+    `actor` is set once the statement is sent on that actor's connection.
+    """
+
+    __slots__ = ("actor", "params", "query", "shape")
+
+    def __init__(
+        self,
+        task: Task,
+        at: float,
+        deadline: float,
+        post: Callable[[Request], bool],
+        query: Any,
+        params: Any,
+        shape: int,
+    ) -> None:
+        super().__init__(task, at, deadline, post)
+        self.query = query
+        self.params = params
+        self.shape = shape
+        self.actor: ConnectionActor | None = None
 
 
 class Release:
@@ -183,7 +227,8 @@ class Attempted:
 class Scheduler:
     """The scheduler actor of one pool (see the module docstring).
 
-    Client-side methods (`acquire`, `release`, `call`, `tell`) are called from
+    Client-side methods (`submit`, `lend_idle`, `execute`, `release`, `call`,
+    `tell`) are called from
     client tasks; `run` is the actor.
     """
 
@@ -211,6 +256,7 @@ class Scheduler:
         self._nursery: trio.Nursery | None = None
         self._checks: dict[int, CheckIdle] = {}  # slot -> the CheckIdle it is part of
         self._ready_waiters: list[trio.Event] = []
+        self._to_flush: list[ConnectionActor] = []  # written to in this turn
         self._close_deadline = math.inf
         #: Messages sent and not handled yet (the bypass needs none: `lend_idle`).
         self.pending = 0
@@ -237,13 +283,29 @@ class Scheduler:
         Raises:
             PoolClosed: the scheduler has stopped.
         """
-        request = Request(task, now, deadline, self._post)
-        try:  # (`_post`, inline: this is every request's path)
+        request = Request(task, now, deadline, self.post)
+        try:  # (`post`, inline: this is every request's path)
             self._inbox.send_nowait(request)
         except trio.ClosedResourceError:
             raise PoolClosed(f"the pool {self.name!r} is closed") from None
         self.pending += 1
         return request
+
+    async def execute(self, statement: Statement) -> Any:
+        """Queue a one-shot statement and wait for its outcome.
+
+        Checkpoints: always (the calling task parks until the outcome).  If
+        cancelled: a statement not sent yet never is; one sent is not waited
+        for (its result is dropped, and only if every statement in flight on
+        its connection is one whose caller was cancelled, a cancel request is
+        sent: the statement may still complete, and commit, on the server).
+
+        Raises:
+            psycopg.Error: the statement failed, or its connection broke.
+            PoolTimeout, TooManyRequests, PoolClosed: as for a `submit`-ted request.
+        """
+        self.tell(statement)
+        return await wait_task_rescheduled(statement.abort)
 
     def lend_idle(self, task: Task, now: float) -> ConnectionActor | None:
         """The one bypass of the inbox: lend an idle connection at once, if that is
@@ -270,7 +332,7 @@ class Scheduler:
         actor = self.actors[slot]
         if actor.conn is None or not alive(actor.conn, actor.poller):
             return None  # the scheduler replaces it
-        request = Request(task, now, now, self._post)
+        request = Request(task, now, now, self.post)
         lent = policy.request(request, now)
         assert lent == slot
         actor.lease = request
@@ -283,7 +345,7 @@ class Scheduler:
         """
         actor.lease = None
         now = self.clock.current_time()
-        try:  # (`_post`, inline: this is every request's path)
+        try:  # (`post`, inline: this is every request's path)
             self._inbox.send_nowait(Release(actor, outcome, by_pool, now))
         except trio.ClosedResourceError:  # stopped: closed here
             self.settle(self.policy.release(actor.slot, now, outcome, by_pool=by_pool), now)
@@ -300,10 +362,10 @@ class Scheduler:
         Raises:
             PoolClosed: the scheduler has stopped.
         """
-        if not self._post(message):
+        if not self.post(message):
             raise PoolClosed(f"the pool {self.name!r} is closed")
 
-    def _post(self, message: object) -> bool:
+    def post(self, message: object) -> bool:
         """Put `message` on the inbox; False if the scheduler has stopped."""
         try:
             self._inbox.send_nowait(message)
@@ -352,6 +414,8 @@ class Scheduler:
                             except trio.WouldBlock:
                                 break
                             self._handle(message, now)
+                        if self._to_flush:
+                            self._flush(now)
                         if self._ready_waiters:
                             self._notify_ready()
                         if policy.closed and self._finished():
@@ -360,6 +424,8 @@ class Scheduler:
                             timer.deadline = self._next_deadline()
                 now = clock.current_time()
                 self._execute(policy.tick(now), now)
+                if self._to_flush:
+                    self._flush(now)
                 if self._ready_waiters:
                     self._notify_ready()
         finally:
@@ -385,14 +451,24 @@ class Scheduler:
         self.pending -= 1
         policy = self.policy
         match message:  # the frequent ones first
-            case Request():
+            case Request():  # a statement too
                 if message.alive:
                     self._serve(message)
+                elif isinstance(message, Statement) and message.actor is not None:
+                    # Its caller was cancelled with the statement in flight.
+                    actor = message.actor
+                    if policy.statement_cancelled(actor.slot, last=actor.is_last(message)):
+                        actor.want_cancel()
                 else:
-                    policy.cancel(message, now)
+                    self._execute(policy.cancel(message, now), now)
             case Release(actor=actor, at=at):
                 actions = policy.release(actor.slot, at, message.outcome, by_pool=message.by_pool)
                 self._execute(actions, at)
+            case StatementsDone(actor=actor, count=count):
+                if policy.state_of(actor.slot) is PIPELINING:
+                    self._execute(policy.statements_done(actor.slot, now, count), now)
+            case PipelineBroken(actor=actor, error=error):
+                self._pipeline_broken(actor, error, now)
             case Connected(actor=actor):
                 if policy.state_of(actor.slot) is SlotState.CONNECTING:
                     assert actor.conn is not None
@@ -439,7 +515,10 @@ class Scheduler:
             raise AssertionError(f"unknown message {message!r}")
 
     def _serve(self, request: Request) -> None:
-        """A live request: lend an idle connection (if alive), else queue it."""
+        """A live request: lend an idle connection (if alive), else queue it.
+
+        A statement may also be sent on a connection pipelining already.
+        """
         policy = self.policy
         now = request.at
         while (slot := policy.next_idle()) is not None:
@@ -448,8 +527,9 @@ class Scheduler:
                 break
             logger.warning("%s: idle connection found dead: replacing it", self.name)
             self._execute(policy.idle_lost(slot), now)
+        statement = type(request) is Statement
         try:
-            result = policy.request(request, now, request.deadline)
+            result = policy.request(request, now, request.deadline, statement=statement)
         except PolicyClosed:
             reschedule(request.task, outcome.Error(self._closed_error()))
             return
@@ -459,10 +539,62 @@ class Scheduler:
             )
             reschedule(request.task, outcome.Error(error))
             return
-        if isinstance(result, int):
-            self._execute([Grant(request, result)], now)
-        else:
+        if not isinstance(result, int):
             self._execute(result, now)
+        elif statement:
+            assert isinstance(request, Statement)
+            self._send(request, result, now)
+        else:
+            self._execute([Grant(request, result)], now)
+
+    def _send(self, statement: Statement, slot: int, now: float) -> None:
+        """Send `statement` on `slot`, where the policy placed it."""
+        actor = self.actors[slot]
+        try:
+            actor.submit(statement)
+        except BrokenPipeline as error:
+            fail([statement], error)
+            self._pipeline_broken(actor, error, now)
+        except Exception as error:  # refused (could not be adapted): nothing sent
+            statement.alive = False
+            reschedule(statement.task, outcome.Error(error))
+            self._execute(self.policy.statements_done(slot, now, 1), now)
+        else:
+            statement.actor = actor
+            if actor not in self._to_flush:
+                self._to_flush.append(actor)
+
+    def _flush(self, now: float) -> None:
+        """Write what this turn sent, one write per connection."""
+        while self._to_flush:
+            actor = self._to_flush.pop()
+            try:
+                actor.flush()
+            except BrokenPipeline as error:
+                self._pipeline_broken(actor, error, now)
+
+    def _pipeline_broken(self, actor: ConnectionActor, error: BrokenPipeline, now: float) -> None:
+        """`actor`'s connection broke with statements in flight: fail them, replace it."""
+        if self.policy.state_of(actor.slot) is not PIPELINING:
+            return  # handled already
+        if actor.conn is not None:
+            actor.conn._close_now()
+        assert actor.pipeline is not None
+        callers, cause = actor.pipeline.abandon()
+        logger.warning(
+            "%s: connection lost with %d statements in flight: %s",
+            self.name,
+            len(callers),
+            cause or error,
+        )
+        fail(
+            callers,
+            cause
+            or psycopg.OperationalError(
+                f"the connection broke with the statement in flight: {error}"
+            ),
+        )
+        self._execute(self.policy.pipeline_broken(actor.slot, now), now)
 
     def _connect_failed(self, actor: ConnectionActor, error: Exception, now: float) -> None:
         policy = self.policy
@@ -510,7 +642,13 @@ class Scheduler:
         for action in actions:
             match action:  # the frequent one first
                 case Grant(waiter=request, slot=slot):
-                    if request.alive:  # lend it (see `_grant`)
+                    if type(request) is Statement:
+                        assert isinstance(request, Statement)
+                        if request.alive:
+                            self._send(request, slot, now)
+                        else:  # cancelled meanwhile: not sent
+                            self._execute(self.policy.statements_done(slot, now, 1), now)
+                    elif request.alive:  # lend it
                         actor = self.actors[slot]
                         request.at = now
                         actor.lease = request
@@ -556,7 +694,7 @@ class Scheduler:
 
     def _report(self, message: object) -> None:
         """What connection actors tell the scheduler; ignored once it has stopped."""
-        self._post(message)
+        self.post(message)
 
     def _stop(self) -> None:
         """The scheduler ends: fail every request, forget what is not lent.
@@ -595,6 +733,10 @@ class Scheduler:
             check.done.set()
         for slot in [s.id for s in policy.slots.values() if s.state is SlotState.RESETTING]:
             self.settle(policy.reset_done(slot, now, ok=True), now, close=False)
+        # Statements in flight: their actors, cancelled, fail them (PoolClosed).
+        for pipelining in [s for s in policy.slots.values() if s.state is PIPELINING]:
+            actions = policy.statements_done(pipelining.id, now, pipelining.in_flight)
+            self.settle(actions, now, close=False)
         for event in self._ready_waiters:
             event.set()
 

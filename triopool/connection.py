@@ -48,17 +48,32 @@ psycopg non-public names used (all of them, and only in this module):
   3.2 only), ``BaseConnection._should_cancel``, ``._check_connection_ok``,
   ``._commit_gen``, ``._rollback_gen``; ``BaseTransaction._enter_gen``,
   ``._exit_gen``, ``._check_enter`` (3.3 only); ``BasePipeline._enter_gen``,
-  ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``, ``BaseCursor._close``;
-* attributes: ``AsyncConnection.lock`` (replaced), ``BaseConnection._autocommit``,
+  ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``, ``BaseCursor._close``,
+  ``._set_results``;
+* for one-shot statements (`StatementPipeline`): ``psycopg._queries.PostgresQuery``
+  (``convert``, ``dump``, and its ``query``, ``params``, ``types``, ``formats``),
+  ``psycopg._preparing.Prepare`` and the connection's ``BaseConnection._prepared``
+  (its ``get``, ``maybe_add_to_cache``, ``validate`` and ``_to_flush``),
+  ``psycopg.errors.error_from_result`` (undocumented), ``psycopg.adapt.Transformer``
+  (its ``set_pgresult`` and ``load_rows``);
+* attributes: ``AdaptersMap._own_loaders``, ``._own_dumpers``,
+  ``._own_dumpers_by_oid`` (copy-on-write flags: a cursor with adapters of its own
+  is not reused by `Connection.execute`); ``AsyncConnection.lock`` (replaced),
+  ``BaseConnection._autocommit``,
   ``._adapters``, ``._closed``, ``._pipeline``, ``._notify_handlers``,
   ``._notifies_backlog``, ``BaseTransaction._conn``, ``BaseCursor._conn``,
+  ``._tx`` (set, as psycopg does for a new query), ``._make_row``,
   ``BasePipeline.level`` and ``.result_queue`` (undocumented), the ``_no_lock``
   argument of `psycopg.AsyncPipeline`;
-* the generator protocol: ``psycopg.generators.notifies`` and the
-  ``psycopg.waiting.Wait``/``Ready`` values generators yield and receive;
+* the generator protocol: the ``psycopg.waiting.Wait``/``Ready`` values
+  generators yield and receive (psycopg's generators take a wake-up with
+  nothing to read as "wait again", as `_drive`'s first try needs);
 * ``AsyncTransaction.__aenter__``/``__aexit__`` and ``AsyncPipeline.__aenter__``/
   ``__aexit__`` being the whole of a transaction block and of a pipeline level:
   they are reimplemented around the generators above.
+
+Beyond psycopg: libpq's ``PQsendPipelineSync``, reached with ctypes in the libpq
+psycopg loaded, through the public ``PGconn.pgconn_ptr`` (`_libpq_send_pipeline_sync`).
 
 Everything else is psycopg's public API (including ``psycopg.pq`` for draining
 an interrupted command and ``psycopg.conninfo.conninfo_attempts`` for names).
@@ -66,27 +81,35 @@ an interrupted command and ``psycopg.conninfo.conninfo_attempts`` for names).
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import functools
 import ipaddress
 import logging
 import math
 import os
+import re
 import select
+import sys
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, suppress
 from inspect import signature
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
+import outcome
 import psycopg
 import trio
 from psycopg import AsyncPipeline, AsyncServerCursor, pq
 from psycopg import errors as e
-from psycopg.abc import AdaptContext, ConnDict, ConnParam, PQGen, PQGenConn
-from psycopg.adapt import AdaptersMap
+from psycopg._preparing import Prepare
+from psycopg._queries import PostgresQuery
+from psycopg.abc import AdaptContext, ConnDict, ConnParam, Params, PQGen, PQGenConn
+from psycopg.adapt import AdaptersMap, Transformer
 from psycopg.conninfo import conninfo_attempts, make_conninfo, timeout_from_conninfo
 from psycopg.cursor_async import AsyncCursor
-from psycopg.generators import notifies as _notifies_gen
 from psycopg.rows import AsyncRowFactory, Row, tuple_row
 from psycopg.transaction import AsyncTransaction
 from psycopg.waiting import Ready, Wait
@@ -102,9 +125,13 @@ from ._runtime import require_trio
 
 __all__ = ["Connection"]
 
+T = TypeVar("T")
+
 logger = logging.getLogger("triopool")
 
 _ACTIVE = pq.TransactionStatus.ACTIVE
+_TEXT = pq.Format.TEXT
+_BINARY = pq.Format.BINARY
 _OK = pq.ConnStatus.OK
 _COPY_OUT = pq.ExecStatus.COPY_OUT
 _COPY_IN = pq.ExecStatus.COPY_IN
@@ -113,6 +140,7 @@ _TUPLE_ROW = cast(AsyncRowFactory[Any], tuple_row)
 _CANCEL_RETRY_DELAY = 0.05
 _WAIT_R = int(Wait.R)
 _WAIT_W = int(Wait.W)
+_WAIT_RW = int(Wait.RW)
 _READY_R = int(Ready.R)
 _READY_W = int(Ready.W)
 
@@ -260,7 +288,16 @@ async def _drive(run: _GenRun, fd: int) -> Any:
     driven again.
     """
     try:
+        eager = True
         while True:
+            if eager and run.state == _WAIT_R:
+                # The first wait for the server's answer: let the other tasks run
+                # first, then try reading; often the answer is there by then, and
+                # registering with the poller is avoided.
+                eager = False
+                await checkpoint()
+                run.state = run.gen.send(_READY_R)
+                continue
             ready = await _wait_ready(fd, run.state)
             run.state = run.gen.send(ready)
     except StopIteration as ex:
@@ -269,6 +306,50 @@ async def _drive(run: _GenRun, fd: int) -> Any:
         raise e.OperationalError("the connection was closed") from None
     except OSError as ex:
         raise e.OperationalError("connection socket closed") from ex
+
+
+#: References to the spare cursor in `_as_new`: the connection's, the caller's
+#: variable and getrefcount's argument.  One more is someone else's.
+_SPARE_REFS = 3
+
+
+def _as_new(cur: AsyncCursor[Any], conn: Connection[Any]) -> bool:
+    """Whether `execute` may use `cur` again, as if new (resetting its row factory).
+
+    Nobody else references it (CPython's reference count; a cursor whose
+    results a pipeline still owes is referenced by the pipeline), it is open,
+    of the connection's ``cursor_factory``, and nobody gave it adapters of its
+    own.  A cursor given back keeps psycopg's own caches (its transformer for
+    the same query, as a cursor executing again does).
+    """
+    if sys.getrefcount(cur) > _SPARE_REFS + 1 or cur.closed:  # (+1: our argument)
+        return False
+    adapters = cur.adapters
+    if (
+        type(cur) is not conn.cursor_factory
+        or any(adapters._own_loaders)
+        or any(adapters._own_dumpers_by_oid)
+        or any(adapters._own_dumpers.values())
+    ):
+        return False
+    if cur.row_factory is not conn.row_factory:
+        cur.row_factory = conn.row_factory
+    cur.arraysize = 1
+    return True
+
+
+def _notifies_gen(pgconn: pq.abc.PGconn) -> PQGen[list[pq.PGnotify]]:
+    """Wait for notifications and return them (psycopg's ``generators.notifies``, but a
+    wake-up that brings none, such as `_drive`'s first try, waits on)."""
+    while True:
+        while not (yield Wait.R):
+            continue
+        pgconn.consume_input()
+        received = []
+        while notify := pgconn.notifies():
+            received.append(notify)
+        if received:
+            return received
 
 
 def _discard(gen: PQGen[Any]) -> None:
@@ -421,6 +502,8 @@ class Connection(psycopg.AsyncConnection[Row]):
         super().__init__(pgconn, row_factory)
         self.lock = _ConnectionLock()  # type: ignore[assignment]
         self.server_cursor_factory = _ServerCursor
+        # The cursor `execute` returned last: reused when nobody else holds it.
+        self._spare_cursor: AsyncCursor[Row] | None = None
 
     @classmethod
     async def connect(
@@ -486,6 +569,36 @@ class Connection(psycopg.AsyncConnection[Row]):
             conn._adapters = AdaptersMap(context.adapters)
         conn.prepare_threshold = prepare_threshold
         return conn
+
+    async def execute(
+        self,
+        query: Any,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool = False,
+    ) -> AsyncCursor[Row]:
+        """Execute a query and return a cursor to read its results.
+
+        As `psycopg.AsyncConnection.execute`.  The cursor the previous call
+        returned is used again if nothing references it any more (the
+        caller dropped it) and it is as a new one would be (open, of the
+        connection's ``cursor_factory``, no adapters of its own): it saves
+        making a cursor per statement.  Its row factory is the connection's
+        again, as a new cursor's.
+
+        Checkpoints and cancellation: as `wait`.
+        """
+        cur = self._spare_cursor
+        if cur is None or not _as_new(cur, self) or not isinstance(query, str | bytes):
+            cur = await super().execute(query, params, prepare=prepare, binary=binary)
+            self._spare_cursor = cur
+            return cur
+        cur.format = _BINARY if binary else _TEXT
+        try:
+            return await cur.execute(query, params, prepare=prepare)
+        except e.Error as ex:
+            raise ex.with_traceback(None) from None
 
     async def wait(
         self,
@@ -979,6 +1092,424 @@ class Connection(psycopg.AsyncConnection[Row]):
                         break
             finally:
                 self._notifies_backlog = backlog
+
+
+# -- one-shot statements in pipeline mode (the pool's connection actors) ---------------
+
+#: What the caller of a one-shot statement gets back (`StatementPipeline.send`).
+ROWS = 0  # every row, made by the connection's row factory
+FIRST_ROW = 1  # the first row (row factory), or None
+FIRST_VALUE = 2  # the first column of the first row (whatever the row factory), or None
+ROWCOUNT = 3  # the statement's rowcount (-1 where none applies)
+TOTAL_ROWCOUNT = 4  # `StatementPipeline.send_many`: the sum of the rowcounts
+
+_TUPLES_OK = pq.ExecStatus.TUPLES_OK
+_FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
+_PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
+_PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
+_IDLE = pq.TransactionStatus.IDLE
+_PREPARE_NO = Prepare.NO
+_PREPARE_SHOULD = Prepare.SHOULD
+# What each command sent for a statement is, to read its result.
+_QUERY = 0
+_PREPARE = 1  # the Parse of a statement being prepared
+_DEALLOCATE = 2  # psycopg's prepared-statements maintenance, riding along
+#: SQLSTATE classes of errors that end a session (operator intervention, connection).
+_SESSION_ENDED = ("57P", "08")
+#: ``BEGIN`` or ``START`` first (after blanks and comments): would open a transaction.
+_OPENS_TRANSACTION = re.compile(rb"(?i)(?:BEGIN|START)\b")
+
+
+def _skip_blanks(query: bytes) -> int:
+    """Where the first keyword of `query` starts (after blanks and comments, nested too)."""
+    i, n = 0, len(query)
+    while i < n:
+        if query[i : i + 1].isspace():
+            i += 1
+        elif query.startswith(b"--", i):
+            end = query.find(b"\n", i)
+            i = n if end < 0 else end + 1
+        elif query.startswith(b"/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if query.startswith(b"/*", i):
+                    depth, i = depth + 1, i + 2
+                elif query.startswith(b"*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+        else:
+            break
+    return i
+
+
+@functools.cache
+def _libpq_send_pipeline_sync() -> Callable[[int], int] | None:
+    """libpq's ``PQsendPipelineSync`` (libpq >= 17), from the library psycopg loaded.
+
+    Unlike ``PQpipelineSync`` (psycopg's ``pipeline_sync``) it does not flush:
+    many statements, each with its Sync, then go out in one write.  psycopg
+    does not wrap it; it is reached with ctypes through the public
+    ``PGconn.pgconn_ptr``, in the very libpq psycopg uses (the one libpq
+    mapped in this process, whose version must be psycopg's).  None where
+    that cannot be told (then every Sync flushes).
+    """
+    if pq.version() < 170000:
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {
+                line.split()[-1]
+                for line in maps
+                if os.path.basename(line.split()[-1]).startswith("libpq.")
+                or os.path.basename(line.split()[-1]).startswith("libpq-")
+            }
+        if len(paths) != 1:
+            return None
+        lib = ctypes.CDLL(paths.pop())
+        if lib.PQlibVersion() != pq.version():
+            return None
+        send_sync = lib.PQsendPipelineSync
+    except (OSError, AttributeError, IndexError):
+        return None
+    send_sync.argtypes = [ctypes.c_void_p]
+    send_sync.restype = ctypes.c_int
+    return cast(Callable[[int], int], send_sync)
+
+
+class BrokenPipeline(e.OperationalError):
+    """The connection of a `StatementPipeline` broke: nothing more can be sent on it.
+
+    The statements in flight are lost (see `StatementPipeline.abandon`).
+    """
+
+
+class _Sent(Generic[T]):
+    """A statement in flight: what was sent for it, and its results so far."""
+
+    __slots__ = ("commands", "prepared", "results", "shape", "syncs", "token")
+
+    def __init__(self, token: T, shape: int) -> None:
+        self.token = token
+        self.shape = shape
+        self.commands: list[int] = []  # _QUERY, _PREPARE, _DEALLOCATE, in order
+        self.results: list[pq.abc.PGresult] = []  # one per command
+        self.syncs = 0  # Syncs whose answer is still to come
+        #: (key, prepare, name) for psycopg's prepared-statements cache to validate.
+        self.prepared: tuple[Any, Prepare, bytes] | None = None
+
+
+class StatementPipeline(Generic[T]):
+    """One-shot statements on a `Connection`, in libpq pipeline mode, each with its own Sync.
+
+    The pool's connection actors use it while their connection is not lent:
+    `send` adapts a statement (psycopg's adaptation, prepared statements per
+    the connection's ``prepare_threshold``) and puts it, then a Sync, into
+    libpq's output buffer; `flush` writes the buffer; once the socket is
+    readable, `read` takes what the server answered and returns the outcome
+    of each statement done, in the order sent, as `outcome.Value` or
+    `outcome.Error`.  Each statement between two Syncs is a transaction of
+    its own on the server: committed if it succeeds whatever the
+    connection's ``autocommit`` (nothing sends ``BEGIN``), and one that
+    fails aborts no other.  `send_many` sends the executions of one
+    statement with one Sync: one transaction, all or nothing.
+
+    The connection is in pipeline mode while statements are in flight and
+    leaves it when the last is read.  Rows are made by the connection's row
+    factory, with the adapters the connection had when this object was
+    made.  Nothing here waits but `wait`; the connection's `Connection.lock`
+    is not taken: the owner guarantees that nobody else uses the connection
+    meanwhile.
+    """
+
+    __slots__ = ("_conn", "_cursor", "_encoding", "_pgconn", "_sent", "_sync", "_tx", "output")
+
+    def __init__(self, conn: Connection[Any]) -> None:
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._sent: deque[_Sent[T]] = deque()
+        pgconn = self._pgconn
+        send_sync = _libpq_send_pipeline_sync()
+        if send_sync is None:
+            self._sync: Callable[[], None] = pgconn.pipeline_sync
+        else:
+            # Public, but not in psycopg's PGconn protocol (pq.abc).
+            raw: Any = pgconn
+
+            def sync() -> None:
+                if not send_sync(raw.pgconn_ptr):
+                    raise e.OperationalError(
+                        f"sending a Sync failed: {pgconn.error_message.decode(errors='replace')}"
+                    )
+
+            self._sync = sync
+        #: Bytes written to libpq's buffer and not flushed yet.
+        self.output = False
+        self._tx = Transformer(conn)  # adapts parameters
+        self._cursor = conn.cursor()  # makes rows (its row factory follows the connection's)
+        self._cursor._tx = Transformer(self._cursor)  # as psycopg's cursors do for a query
+        self._encoding = conn.info.encoding
+
+    @property
+    def in_flight(self) -> int:
+        """Statements sent and not read to their end."""
+        return len(self._sent)
+
+    def tokens(self) -> Iterator[T]:
+        """The tokens of the statements in flight, in the order sent."""
+        return (sent.token for sent in self._sent)
+
+    @property
+    def last(self) -> T | None:
+        """The token of the statement sent last, if still in flight (else None)."""
+        return self._sent[-1].token if self._sent else None
+
+    def send(self, token: T, query: Any, params: Any, shape: int) -> None:
+        """Send one statement, then a Sync.  Never waits.
+
+        `token` comes back with its outcome from `read`.  Raises whatever
+        psycopg's adaptation raises, and `psycopg.ProgrammingError` for a
+        statement that would open a transaction (``BEGIN``, ``START
+        TRANSACTION``: one statement is one transaction here), sending
+        nothing; `BrokenPipeline` if the connection is broken.
+        """
+        pgq = self._adapt(query, params)
+        self._submit(token, shape, [pgq], None)
+
+    def send_many(self, token: T, query: Any, params_seq: Iterable[Any]) -> None:
+        """Send one statement once per parameter set, then one Sync (all or nothing).
+
+        As psycopg's ``executemany``, the statement is prepared (unless the
+        connection's ``prepare_threshold`` is None).  Raises as `send`.
+        """
+        pgq = None
+        executions = []
+        for params in params_seq:
+            if pgq is None:
+                pgq = self._adapt(query, params)
+            else:
+                pgq = copy.copy(pgq)
+                pgq.dump(params)
+            executions.append(pgq)
+        self._submit(token, TOTAL_ROWCOUNT, executions, True)
+
+    def _adapt(self, query: Any, params: Any) -> PostgresQuery:
+        pgq = PostgresQuery(self._tx)
+        pgq.convert(query, params)
+        bquery = pgq.query
+        if _OPENS_TRANSACTION.match(bquery, _skip_blanks(bquery)):
+            raise e.ProgrammingError(
+                "a one-shot statement is a transaction of its own: it cannot open"
+                " one (BEGIN, START TRANSACTION): use pool.connection() and"
+                " conn.transaction() instead"
+            )
+        return pgq
+
+    def _submit(
+        self, token: T, shape: int, executions: list[PostgresQuery], prepare: bool | None
+    ) -> None:
+        pgconn = self._pgconn
+        if not pgconn.pipeline_status:
+            pgconn.enter_pipeline_mode()
+        sent = _Sent(token, shape)
+        try:
+            self._maintain(sent)
+            prepared = self._conn._prepared
+            for pgq in executions:
+                prep, name = prepared.get(pgq, prepare)
+                if prep is _PREPARE_NO:
+                    pgconn.send_query_params(
+                        pgq.query,
+                        pgq.params,
+                        param_formats=pgq.formats,
+                        param_types=pgq.types,
+                        result_format=_TEXT,
+                    )
+                else:
+                    if prep is _PREPARE_SHOULD:
+                        pgconn.send_prepare(name, pgq.query, param_types=pgq.types)
+                        sent.commands.append(_PREPARE)
+                    pgconn.send_query_prepared(
+                        name, pgq.params, param_formats=pgq.formats, result_format=_TEXT
+                    )
+                sent.commands.append(_QUERY)
+                key = prepared.maybe_add_to_cache(pgq, prep, name)
+                if key is not None and sent.prepared is None:
+                    sent.prepared = (key, prep, name)
+            self._sync()
+        except e.Error as ex:
+            raise BrokenPipeline(f"sending a statement failed: {ex}") from ex
+        sent.syncs += 1
+        self.output = True
+        self._sent.append(sent)
+
+    def _maintain(self, sent: _Sent[T]) -> None:
+        """Send the deallocations psycopg's prepared-statements cache asks for."""
+        to_flush = self._conn._prepared._to_flush
+        while to_flush:
+            name = to_flush.popleft()
+            self._pgconn.send_query_params(
+                b"DEALLOCATE " + (b"ALL" if name is None else name), None
+            )
+            sent.commands.append(_DEALLOCATE)
+            self._sync()
+            sent.syncs += 1
+
+    def flush(self) -> bool:
+        """Write what libpq has to send, as much as the socket takes now; True if all.
+
+        Raises:
+            BrokenPipeline: the connection is broken.
+        """
+        try:
+            self.output = bool(self._pgconn.flush())
+        except e.Error as ex:
+            raise BrokenPipeline(str(ex)) from ex
+        return not self.output
+
+    async def wait(self) -> None:
+        """Wait until the server's answer can be read (or more can be written).
+
+        Checkpoints: always.  If cancelled: nothing is lost (call it again).
+
+        Raises:
+            BrokenPipeline: the connection was closed meanwhile, or is broken.
+        """
+        try:
+            fd = self._pgconn.socket
+            if self.output:
+                if await _wait_ready(fd, _WAIT_RW) & _READY_W:
+                    self.flush()
+            else:
+                await wait_readable(fd)
+        except (trio.ClosedResourceError, e.OperationalError) as ex:
+            raise BrokenPipeline("the connection was closed") from ex
+
+    def read(self) -> list[tuple[T, outcome.Outcome[Any]]]:
+        """Read what the server sent; the outcomes of the statements now done.
+
+        Never waits.  When none is left in flight, the connection leaves
+        pipeline mode.
+
+        Raises:
+            BrokenPipeline: the connection is broken (the statements still in
+                flight are lost: see `abandon`), or a statement left a
+                transaction open (which only closing it ends).
+        """
+        pgconn = self._pgconn
+        try:
+            pgconn.consume_input()
+        except e.Error as ex:
+            raise BrokenPipeline(str(ex)) from ex
+        while notify := pgconn.notifies():
+            if handler := pgconn.notify_handler:
+                handler(notify)
+        finished: list[_Sent[T]] = []
+        sent_queue = self._sent
+        ended = False  # a command's results ended: two ends in a row mean "no more now"
+        while sent_queue and not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:
+                if ended:
+                    break
+                ended = True
+                continue
+            ended = False
+            sent = sent_queue[0]
+            if result.status != _PIPELINE_SYNC:
+                sent.results.append(result)
+                continue
+            sent.syncs -= 1
+            if not sent.syncs:
+                finished.append(sent_queue.popleft())
+        if not sent_queue and pgconn.pipeline_status:
+            problem = ""
+            try:
+                pgconn.exit_pipeline_mode()
+            except e.Error as ex:
+                problem = str(ex)
+            if not problem and pgconn.transaction_status != _IDLE:
+                problem = "a one-shot statement left a transaction open (rolled back)"
+            if problem:
+                # Not done after all: their outcome is the connection's end.
+                sent_queue.extend(finished)
+                raise BrokenPipeline(problem)
+        return [(sent.token, self._outcome(sent)) for sent in finished]
+
+    def abandon(self) -> tuple[list[T], e.Error | None]:
+        """Forget the statements in flight (the connection broke).
+
+        Returns their tokens, and the error with which the server ended the
+        session, if it sent one (e.g. `psycopg.errors.AdminShutdown` for a
+        terminated backend: class 57P or 08, not a statement's own error).
+        """
+        tokens = [sent.token for sent in self._sent]
+        cause = None
+        if self._sent:
+            for result in self._sent[0].results:
+                if result.status == _FATAL_ERROR:
+                    error = e.error_from_result(result, encoding=self._encoding)
+                    if (error.sqlstate or "").startswith(_SESSION_ENDED):
+                        cause = error
+        self._sent.clear()
+        self.output = False
+        return tokens, cause
+
+    def _outcome(self, sent: _Sent[T]) -> outcome.Outcome[Any]:
+        """What the caller of `sent` gets, now that it is done."""
+        error: e.Error | None = None
+        queried = []
+        for command, result in zip(sent.commands, sent.results, strict=True):
+            status = result.status
+            if command == _DEALLOCATE:
+                if status == _FATAL_ERROR:
+                    logger.debug("deallocating a prepared statement: %s", result.error_message)
+                continue
+            if error is None and status == _FATAL_ERROR:
+                error = e.error_from_result(result, encoding=self._encoding)
+            elif error is None and status == _PIPELINE_ABORTED:
+                error = e.PipelineAborted("pipeline aborted")
+            if command == _QUERY:
+                queried.append(result)
+        if sent.prepared is not None:
+            self._conn._prepared.validate(*sent.prepared, queried)
+        if error is not None:
+            return outcome.Error(error)
+        try:
+            return outcome.Value(self._value(sent.shape, queried))
+        except e.Error as ex:
+            return outcome.Error(ex)
+
+    def _value(self, shape: int, results: list[pq.abc.PGresult]) -> Any:
+        if shape == TOTAL_ROWCOUNT:
+            return sum(result.command_tuples or 0 for result in results)
+        (result,) = results
+        status = result.status
+        if shape == ROWCOUNT:
+            if status == _TUPLES_OK:
+                return result.ntuples
+            nrows = result.command_tuples
+            return -1 if nrows is None else nrows
+        if status != _TUPLES_OK:
+            detail = (result.command_status or b"").decode(self._encoding, "replace")
+            raise e.ProgrammingError(
+                f"the last operation didn't produce records (command status: {detail})"
+            )
+        cursor = self._cursor
+        if cursor.row_factory is not self._conn.row_factory:
+            cursor.row_factory = self._conn.row_factory
+        if shape == FIRST_VALUE:
+            if not result.ntuples:
+                return None
+            tx = cursor._tx
+            tx.set_pgresult(result)
+            return tx.load_rows(0, 1, tuple)[0][0]
+        cursor._set_results([result])
+        ntuples = result.ntuples if shape == ROWS else min(result.ntuples, 1)
+        rows = cursor._tx.load_rows(0, ntuples, cursor._make_row)
+        if shape == ROWS:
+            return rows
+        return rows[0] if rows else None
 
 
 class _Transaction(AsyncTransaction):

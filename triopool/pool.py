@@ -33,7 +33,6 @@ import trio
 from psycopg import pq, sql
 from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import tuple_row
 from trio.lowlevel import (
     cancel_shielded_checkpoint,
     checkpoint,
@@ -49,7 +48,6 @@ from ._actor import (
     Connector,
     ConninfoParam,
     KwargsParam,
-    autocommit,
     check_connection,
     maybe_await,
     outcome_of,
@@ -57,8 +55,18 @@ from ._actor import (
 from ._groups import raise_from_group
 from ._policy import BROKEN, Backoff, Outcome, PoolPolicy, SlotState
 from ._runtime import require_trio
-from ._scheduler import Attempted, CheckIdle, Drain, Request, Resize, Scheduler, Shutdown, WaitReady
-from .connection import Connection
+from ._scheduler import (
+    Attempted,
+    CheckIdle,
+    Drain,
+    Request,
+    Resize,
+    Scheduler,
+    Shutdown,
+    Statement,
+    WaitReady,
+)
+from .connection import FIRST_ROW, FIRST_VALUE, ROWCOUNT, ROWS, TOTAL_ROWCOUNT, Connection
 from .errors import PoolClosed, PoolTimeout
 from .listener import Notifications, open_listener
 from .stats import Holder, PoolStatus, stats_dict
@@ -175,10 +183,16 @@ class ConnectionPool:
             logged, with the stack that acquired it (None: never).
         drain_on_failover: if true, a query failing with
             ``read_only_sql_transaction`` (25006: the server became a standby)
-            inside `connection` drains the connections opened up to then (see
-            `drain`): after a failover, none keeps talking to the old primary.
-            A single failing connection (a terminated backend, a network
-            error) is replaced alone.
+            inside `connection` (or a one-shot statement failing so) drains
+            the connections opened up to then (see `drain`): after a failover,
+            none keeps talking to the old primary.  A single failing
+            connection (a terminated backend, a network error) is replaced
+            alone.
+        pipeline_depth: most one-shot statements (`fetch`, `execute`...) in
+            flight on one connection at a time; 1 sends the next only once
+            the previous is answered.  Pipelining works behind PgBouncer in
+            transaction mode too (tested with 1.18, ``prepare_threshold=None``
+            as for any query there).
     """
 
     _keep_idle: bool = True
@@ -204,6 +218,7 @@ class ConnectionPool:
         close_returns: bool = False,
         leak_timeout: float | None = None,
         drain_on_failover: bool = True,
+        pipeline_depth: int = 16,
     ) -> None:
         if not (isinstance(conninfo, str) or callable(conninfo)):
             raise TypeError(f"conninfo must be a str or a callable, got {type(conninfo).__name__}")
@@ -241,6 +256,7 @@ class ConnectionPool:
         self.leak_timeout = _check_seconds("leak_timeout", leak_timeout, allow_none=True)
         self.close_returns = bool(close_returns)
         self.drain_on_failover = bool(drain_on_failover)
+        self.pipeline_depth = _check_int("pipeline_depth", pipeline_depth, 1)
         self._check = check
         self._reconnect_failed = reconnect_failed
         self._reset = reset
@@ -253,6 +269,7 @@ class ConnectionPool:
             max_lifetime=self.max_lifetime,
             reconnect_timeout=self.reconnect_timeout,
             keep_idle=self._keep_idle,
+            pipeline_depth=self.pipeline_depth,
             random=random.random,
         )
         self._max_size = max_size
@@ -569,6 +586,19 @@ class ConnectionPool:
     def _request_timeout(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else _check_seconds("timeout", timeout)
 
+    async def _request_deadline(self, timeout: float | None) -> tuple[float, float]:  # noqa: ASYNC109
+        """Now, and the deadline of a request waiting at most `timeout` (checkpoints if cancelled).
+
+        Raises:
+            PoolClosed: the pool is not open.
+        """
+        await checkpoint_if_cancelled()
+        wait_for = self._request_timeout(timeout)
+        if not self._opened:
+            raise PoolClosed(f"the pool {self.name!r} is not open")
+        now = self._scheduler.clock.current_time()
+        return now, now + wait_for
+
     async def _run_check(self, conn: AnyConnection) -> None:
         """The ``check`` callback on `conn`, cut short without ado.
 
@@ -650,24 +680,31 @@ class ConnectionPool:
         A statement that returns no rows (an ``INSERT`` without ``RETURNING``,
         DDL) returns ``[]``: it succeeded (and was committed).
 
-        The statement is its own transaction, committed if it succeeds (whatever
-        the connections' ``autocommit``), and its rows are all read before this
-        returns (rows as the connections' row factory makes them).  `timeout`
-        bounds the wait for a connection, as `getconn`'s.
+        The statement is its own transaction, committed if it succeeds
+        (whatever the connections' ``autocommit``), and its rows are all read
+        before this returns (rows as the connections' row factory makes
+        them).  `timeout` bounds the wait for a connection, as `getconn`'s.
+        The pool sends one-shot statements on its connections in pipeline
+        mode, many per write (see the architecture docs): a statement must be
+        one SQL command (no ``;``-separated list) and may not open a
+        transaction (``BEGIN``: use `connection` and ``conn.transaction()``).
 
-        Checkpoints: always.  If cancelled: as any cancelled query (see
-        `Connection`): the statement is cancelled on the server if it runs, and
-        the connection goes back to the pool.  A statement whose caller was
-        cancelled may still have completed (committed) on the server, if it
-        finished before the cancel request arrived.
+        Checkpoints: always.  If cancelled: a statement not sent yet is never
+        sent; one sent is not waited for, and its result is dropped.  It may
+        still run to its end on the server, and commit if it succeeds: a
+        cancel request is sent only when nothing but statements of cancelled
+        callers runs on that connection (so that it can hit no other
+        caller's); bound long statements with ``statement_timeout``.
 
         Raises:
-            psycopg.Error: the statement failed (this caller only).
-            PoolTimeout, TooManyRequests, PoolClosed: as `getconn`.
+            psycopg.Error: the statement failed (that caller only); or its
+                connection broke while it was in flight
+                (`psycopg.OperationalError`: it may have run).
+            PoolTimeout, TooManyRequests, PoolClosed: as `getconn`;
+                `PoolClosed` also if the pool closes with it in flight.
         """
-        async with self._one_shot(timeout) as conn:
-            cur = await conn.execute(query, params)
-            return [] if cur.description is None else await cur.fetchall()
+        rows: list[Any] = await self._statement(query, params, ROWS, timeout)
+        return rows
 
     async def fetchrow(
         self,
@@ -677,9 +714,7 @@ class ConnectionPool:
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
         """As `fetch`, but return the first row, or None if there is none."""
-        async with self._one_shot(timeout) as conn:
-            cur = await conn.execute(query, params)
-            return None if cur.description is None else await cur.fetchone()
+        return await self._statement(query, params, FIRST_ROW, timeout)
 
     async def fetchval(
         self,
@@ -692,10 +727,7 @@ class ConnectionPool:
 
         The value is the same whatever the connections' row factory.
         """
-        async with self._one_shot(timeout) as conn:
-            cur = await conn.cursor(row_factory=tuple_row).execute(query, params)
-            row = None if cur.description is None else await cur.fetchone()
-            return row[0] if row else None  # no row, or a row of no column
+        return await self._statement(query, params, FIRST_VALUE, timeout)
 
     async def execute(
         self,
@@ -705,9 +737,8 @@ class ConnectionPool:
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> int:
         """As `fetch`, but return the statement's ``rowcount`` (-1 where none applies)."""
-        async with self._one_shot(timeout) as conn:
-            cur = await conn.execute(query, params)
-            return cur.rowcount
+        rowcount: int = await self._statement(query, params, ROWCOUNT, timeout)
+        return rowcount
 
     async def executemany(
         self,
@@ -719,26 +750,31 @@ class ConnectionPool:
         """Run one statement once per parameter set, all in one transaction.
 
         Returns the total ``rowcount``.  Committed if every execution succeeds,
-        rolled back otherwise.  Otherwise as `fetch`.
+        rolled back otherwise (they go out together, in one transaction).  The
+        parameters are all adapted before anything is sent.  Otherwise as
+        `fetch`.
         """
-        async with self._one_shot(timeout) as conn, conn.transaction():
-            cur = conn.cursor()
-            await cur.executemany(query, params_seq)
-            return cur.rowcount
+        rowcount: int = await self._statement(query, params_seq, TOTAL_ROWCOUNT, timeout)
+        return rowcount
 
-    @asynccontextmanager
-    async def _one_shot(
+    async def _statement(
         self,
+        query: Query,
+        params: Any,
+        shape: int,
         timeout: float | None,  # noqa: ASYNC109
-    ) -> AsyncIterator[AnyConnection]:
-        """A pooled connection in autocommit mode for one statement.
-
-        In autocommit mode a statement is its own transaction on the server:
-        one round trip, committed on success, nothing left open on failure.
-        """
+    ) -> Any:
+        """A one-shot statement through the scheduler (see `Scheduler.execute`)."""
         require_trio("ConnectionPool one-shot statements")
-        async with self.connection(timeout) as conn, autocommit(conn):
-            yield conn
+        now, deadline = await self._request_deadline(timeout)
+        scheduler = self._scheduler
+        statement = Statement(current_task(), now, deadline, scheduler.post, query, params, shape)
+        try:
+            return await self._scheduler.execute(statement)
+        except psycopg.Error as ex:
+            if ex.sqlstate == _FAILOVER_SQLSTATE and statement.actor is not None:
+                self._failover_suspected(statement.actor)
+            raise
 
     def _put_back(self, actor: ConnectionActor, conn: AnyConnection) -> None:
         """`conn`, lent to a user, comes back."""

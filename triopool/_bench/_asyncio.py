@@ -29,6 +29,7 @@ from ._workload import (
     SELECT_ROW,
     choose_txn,
     psycopg_request,
+    uses_table,
 )
 
 APPLICATION_NAME = "triopool-bench"
@@ -109,7 +110,7 @@ async def _psycopg_pool(settings: Settings) -> Result:
         min_size=settings.pool_min,
         max_size=settings.pool_max,
         kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
-        configure=configure if settings.workload != "select1" else None,
+        configure=configure if uses_table(settings.workload) else None,
         open=False,
     ) as pool:
         await pool.wait()
@@ -133,7 +134,7 @@ async def _asyncpg(settings: Settings, *, default_reset: bool) -> Result:
     rng = random.Random(1)
 
     async def init(conn: Any) -> None:  # noqa: ASYNC910  # asyncio code
-        if settings.workload != "select1":
+        if uses_table(settings.workload):
             await conn.execute(CREATE_TEMP_TABLE)
 
     pool = await asyncpg.create_pool(
@@ -160,6 +161,13 @@ async def _asyncpg(settings: Settings, *, default_reset: bool) -> Result:
                 t2 = time.perf_counter()
             return t1 - t0, t2 - t1
 
+        async def one_shot() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            await pool.fetchval(SELECT_ONE)  # asyncpg's one-shot call: acquire, query, release
+            return 0.0, time.perf_counter() - t0
+
+        if settings.workload == "fetchval":
+            request = one_shot
         if settings.warmup:
             await _drive(_warmup(settings), request)
         return await _drive(settings, request)

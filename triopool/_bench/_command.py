@@ -41,7 +41,9 @@ STACKS_NOTE = (
     "Every stack uses autocommit connections: a select1 request is one round trip, plus"
     " asyncpg's reset query (RESET ALL, UNLISTEN *...) when a connection comes back with its"
     " default reset; with a no-op reset asyncpg only rolls back a connection left in a"
-    " transaction, as the psycopg pools do."
+    " transaction, as the psycopg pools do.  fetchval: triopool's and asyncpg's"
+    " pool.fetchval (no acquire wait of its own: all its time is latency), psycopg_pool"
+    " select1."
 )
 #: Columns the --compare table needs for the stacks' names and every heading.
 COMPARE_WIDTH = 96

@@ -3,7 +3,10 @@
 A *request* is one acquire + one unit of work + release.  Every stack runs the
 same requests with the same settings; only the pool and the event loop differ.
 With ``autocommit=True`` a ``select1`` request is one round trip to the server
-on every stack.
+on every stack.  The ``fetchval`` workload is the pools' one-shot call
+instead, ``pool.fetchval("SELECT 1")`` (psycopg_pool has none: it runs
+``select1``); a one-shot call does not show the wait for a connection apart,
+so its whole time counts as query latency.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class PsycopgPool(Protocol):
 
 def choose_txn(workload: str, rng: random.Random) -> bool:
     """Whether the next request of `workload` is a transaction."""
-    if workload == "select1":
+    if workload in ("select1", "fetchval"):
         return False
     if workload == "txn":
         return True
@@ -65,6 +68,22 @@ def psycopg_request(pool: PsycopgPool, workload: str, rng: random.Random) -> Req
                 await conn.execute(SELECT_ONE)
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1
+
+    return request
+
+
+def uses_table(workload: str) -> bool:
+    """Whether `workload` needs the temporary table (made by each connection's configure)."""
+    return workload in ("txn", "mixed")
+
+
+def one_shot_request(pool: ConnectionPool) -> Request:
+    """A ``fetchval`` request: the pool's one-shot call (no acquire of one's own)."""
+
+    async def request() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        await pool.fetchval(SELECT_ONE)
+        return 0.0, time.perf_counter() - t0
 
     return request
 
@@ -108,10 +127,13 @@ async def run_triopool(settings: Settings, progress: Callable[[int], None] | Non
         min_size=settings.pool_min,
         max_size=settings.pool_max,
         kwargs={"autocommit": True, "application_name": "triopool-bench"},
-        configure=_configure if settings.workload != "select1" else None,
+        configure=_configure if uses_table(settings.workload) else None,
         wait=True,
     ) as pool:
-        request = psycopg_request(pool, settings.workload, rng)
+        if settings.workload == "fetchval":
+            request = one_shot_request(pool)
+        else:
+            request = psycopg_request(pool, settings.workload, rng)
         if settings.warmup:
             await drive(
                 dataclasses.replace(settings, duration=settings.warmup, queries=None), request

@@ -1,0 +1,69 @@
+"""`Connection.execute` reuses the cursor it returned last when nobody holds it any more.
+
+Reuse must never show: a cursor the caller still holds keeps its results, and one
+given adapters or a row factory of its own is not handed out again as it is.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.string import TextLoader
+
+import triopool
+
+Conn = triopool.Connection[Any]
+
+
+async def test_a_dropped_cursor_is_used_again(aconn: Conn) -> None:
+    first = await aconn.execute("SELECT 1")
+    first_id = id(first)
+    del first
+    second = await aconn.execute("SELECT 2")
+    assert id(second) == first_id
+    assert await second.fetchone() == (2,)
+
+
+async def test_a_held_cursor_keeps_its_results(aconn: Conn) -> None:
+    first = await aconn.execute("SELECT 'first'")
+    second = await aconn.execute("SELECT 'second'")
+    third = await aconn.execute("SELECT 'third'")
+    assert first is not second and second is not third
+    assert await first.fetchall() == [("first",)]
+    assert await second.fetchall() == [("second",)]
+    assert await third.fetchall() == [("third",)]
+
+
+async def test_a_reused_cursor_is_as_new(aconn: Conn) -> None:
+    cur = await aconn.execute("SELECT 1 AS one")
+    cur.row_factory = dict_row  # the caller's own choice...
+    cur.arraysize = 5
+    del cur
+    again = await aconn.execute("SELECT 1 AS one")
+    assert await again.fetchone() == (1,)  # ...not the next caller's
+    assert again.arraysize == 1 and again.format == psycopg.pq.Format.TEXT
+    binary = await aconn.execute("SELECT 1", binary=True)
+    assert binary.format == psycopg.pq.Format.BINARY
+
+
+async def test_cursors_with_adapters_of_their_own_or_closed_are_not_reused(aconn: Conn) -> None:
+    class Upper(TextLoader):
+        def load(self, data: Any) -> str:
+            return str(super().load(data)).upper()
+
+    cur = await aconn.execute("SELECT 'a'")
+    cur.adapters.register_loader("text", Upper)
+    cur_id = id(cur)
+    del cur
+    gc.collect()
+    other = await aconn.execute("SELECT 'b'::text")
+    assert await other.fetchone() == ("b",)
+    assert id(other) != cur_id
+    await other.close()
+    other_id = id(other)
+    del other
+    fresh = await aconn.execute("SELECT 'c'")
+    assert id(fresh) != other_id and not fresh.closed
