@@ -50,12 +50,13 @@ async def settled_and_usable(pool: ConnectionPool, autocommit: bool, what: str) 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=list(OPTIONS))
 @pytest.mark.parametrize("autocommit", [False, True], ids=["tx", "autocommit"])
-async def test_one_shot_leaving_a_transaction_open_cancelled_everywhere(
+async def test_one_shot_failing_midway_cancelled_everywhere(
     postgres_server: Server, name: str, table: str, options: str, autocommit: bool
 ) -> None:
-    """``execute("BEGIN; INSERT ...")`` (which the pool rolls back and reports)
-    cancelled at every step: never committed, and the connection never goes back
-    in a transaction or in the wrong autocommit mode."""
+    """A one-shot INSERT that fails after inserting rows (the server rolls it
+    back and the caller gets the server's error), cancelled at every step: never
+    committed, and the connection never goes back in a transaction or in the
+    wrong autocommit mode."""
     async with real_pool(
         postgres_server,
         name,
@@ -68,8 +69,10 @@ async def test_one_shot_leaving_a_transaction_open_cancelled_everywhere(
 
         async def case(k: int) -> bool:
             async def statement() -> None:
-                with pytest.raises(psycopg.ProgrammingError, match="left a transaction open"):
-                    await pool.execute(f"BEGIN; INSERT INTO {table} VALUES (1)")
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    await pool.execute(
+                        f"INSERT INTO {table} SELECT 1 / (2 - g) FROM generate_series(1, 3) g"
+                    )
 
             done = await completes_despite(k, statement)
             await settled_and_usable(pool, autocommit, f"cancelled after {k} steps")

@@ -1118,6 +1118,9 @@ _DEALLOCATE = 2  # psycopg's prepared-statements maintenance, riding along
 _SESSION_ENDED = ("57P", "08")
 #: ``BEGIN`` or ``START`` first (after blanks and comments): would open a transaction.
 _OPENS_TRANSACTION = re.compile(rb"(?i)(?:BEGIN|START)\b")
+#: ``COPY`` first: would leave the connection in the middle of a copy.
+_COPIES = re.compile(rb"(?i)COPY\b")
+_COPY_STATES = (pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH)
 
 
 def _skip_blanks(query: bytes) -> int:
@@ -1297,11 +1300,17 @@ class StatementPipeline(Generic[T]):
         pgq = PostgresQuery(self._tx)
         pgq.convert(query, params)
         bquery = pgq.query
-        if _OPENS_TRANSACTION.match(bquery, _skip_blanks(bquery)):
+        start = _skip_blanks(bquery)
+        if _OPENS_TRANSACTION.match(bquery, start):
             raise e.ProgrammingError(
                 "a one-shot statement is a transaction of its own: it cannot open"
                 " one (BEGIN, START TRANSACTION): use pool.connection() and"
                 " conn.transaction() instead"
+            )
+        if _COPIES.match(bquery, start):
+            raise e.ProgrammingError(
+                "COPY cannot be used with a one-shot statement: use pool.connection()"
+                " and cursor.copy() instead"
             )
         return pgq
 
@@ -1416,6 +1425,8 @@ class StatementPipeline(Generic[T]):
                 continue
             ended = False
             sent = sent_queue[0]
+            if result.status in _COPY_STATES:  # not sent by _adapt: only closing ends it
+                raise BrokenPipeline("a one-shot statement began a COPY")
             if result.status != _PIPELINE_SYNC:
                 sent.results.append(result)
                 continue
@@ -1490,16 +1501,13 @@ class StatementPipeline(Generic[T]):
                 return result.ntuples
             nrows = result.command_tuples
             return -1 if nrows is None else nrows
-        if status != _TUPLES_OK:
-            detail = (result.command_status or b"").decode(self._encoding, "replace")
-            raise e.ProgrammingError(
-                f"the last operation didn't produce records (command status: {detail})"
-            )
+        if status != _TUPLES_OK:  # a statement without rows: none, as asyncpg's
+            return [] if shape == ROWS else None
         cursor = self._cursor
         if cursor.row_factory is not self._conn.row_factory:
             cursor.row_factory = self._conn.row_factory
         if shape == FIRST_VALUE:
-            if not result.ntuples:
+            if not result.ntuples or not result.nfields:
                 return None
             tx = cursor._tx
             tx.set_pgresult(result)
