@@ -32,6 +32,8 @@ from triopool._policy import (
     Wake,
 )
 
+pytestmark = pytest.mark.psycopg_independent
+
 Policy = PoolPolicy[str]
 CLEAN, DIRTY, BROKEN = Outcome.CLEAN, Outcome.DIRTY, Outcome.BROKEN
 

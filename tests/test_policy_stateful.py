@@ -87,6 +87,8 @@ from triopool._policy import (
     _Waiter,
 )
 
+pytestmark = pytest.mark.psycopg_independent
+
 POOL = -1  # holder of a connection lent to the pool itself (`take_idle`, for check())
 EPSILON = 1e-6  # for float sums of times
 

@@ -88,7 +88,9 @@ async def test_pool_soak(postgres_dsn: str, postgres_server: Server) -> None:
         f" pool stats {stats}"
     )
     assert outcomes.accounted == outcomes.started
-    assert outcomes.served > 0 and outcomes.cancelled > 0 and outcomes.timed_out > 0
+    # Cut short: by the chaos's cancel scopes for sure; by timeouts when the load makes
+    # clients wait long enough (not every run: a faster pool times out fewer).
+    assert outcomes.served > 0 and outcomes.cancelled + outcomes.timed_out > 0
     assert sum(killed) >= KILLS_PER_SECOND * SOAK.seconds * 0.5
     assert outcomes.failed > 0  # killed backends were in use: their clients saw it
     assert load.max_held <= SOAK.max_size
