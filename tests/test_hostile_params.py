@@ -177,16 +177,15 @@ async def test_huge_max_size_grows_on_demand_only(postgres_server: Server, name:
         assert pool.status().max_size == 10**18
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hostile: each request costs O(size): a burst on a big pool is quadratic"
-)
 def test_a_burst_of_requests_costs_linear_time() -> None:
     """A null pool with no limit (or ``max_size`` 10**18) opens a connection per
     waiting request, and each request counts the connections coming for waiters
     by walking every slot (``PoolPolicy._incoming``): a burst of n requests costs
     O(n**2) in the scheduler, which blocks the event loop (4000 requests: ~2 s
     in the policy alone, ~8 s through the pool with fake connections).  Counted
-    8 times as many requests must cost about 8 times as much, not 64."""
+    8 times as many requests must cost about 8 times as much, not 64.  (Fixed: a
+    running count.  Each size's best of three, so that a busy machine does not
+    decide.)"""
 
     def burst(requests: int) -> float:
         policy: PoolPolicy[int] = PoolPolicy(min_size=0, max_size=None, keep_idle=False)
@@ -198,7 +197,7 @@ def test_a_burst_of_requests_costs_linear_time() -> None:
 
     burst(100)  # warm up
     small = min(burst(250) for _ in range(3))
-    big = burst(2000)
+    big = min(burst(2000) for _ in range(3))
     assert big < 24 * small, f"{big / small:.0f} times the time for 8 times the requests"
 
 

@@ -379,12 +379,15 @@ def test_drain_since_slot_drains_once_per_generation() -> None:
     assert policy.drain(since_slot=3) == [Close(2), Close(3)]
 
 
-def test_connection_opened_before_a_drain_is_replaced_when_it_connects() -> None:
+def test_connection_established_after_a_drain_is_kept() -> None:
+    """As psycopg_pool's: what counts is when a connection was made, not when its
+    attempt began (else drains faster than a connection is made serve nobody)."""
     policy = make(0, 2)
     assert queued(policy.request("a", 0.0)) == [Open(0)]
     assert policy.drain() == []
-    assert policy.connected(0, 1.0, 1.0) == [Close(0), Open(1)]
-    assert policy.connected(1, 2.0, 1.0) == [Grant("a", 1)]
+    assert policy.connected(0, 1.0, 1.0) == [Grant("a", 0)]
+    assert policy.drain() == []  # lent: closed when it comes back
+    assert policy.release(0, 2.0, CLEAN) == [Close(0)]
 
 
 def test_resize_up_refills_and_grows_for_waiters() -> None:

@@ -410,6 +410,9 @@ class PolicyMachine(RuleBasedStateMachine):
         assert len(model_states) == len(dict(model_states)), "a slot in two model states"
         assert {slot: s.state for slot, s in policy.slots.items()} == dict(model_states)
         assert policy.size == self.size
+        # The policy's running count of what will serve waiters (kept, not recounted).
+        incoming = len(self.for_waiters & set(self.connecting)) + len(self.resetting)
+        assert policy._incoming() == incoming, "running count of incoming connections"
         assert (policy.min_size, policy.max_size) == (self.min_size, self.max_size)
         assert not (self.idle and self.queue), "idle connections while clients wait"
         for slot, statements in self.pipes.items():
@@ -748,6 +751,9 @@ class PolicyMachine(RuleBasedStateMachine):
                 self._connected(slot, seconds)
 
     def _connected(self, slot: int, seconds: float) -> None:
+        # Of the generation it is established in: a drain while it was being made
+        # does not discard it.
+        self.generation_of[slot] = self.generation
         fate = self._dispatch_fate(slot, expires_at=math.inf)  # (a new connection)
         del self.connecting[slot]
         self.for_waiters.discard(slot)

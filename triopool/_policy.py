@@ -289,6 +289,8 @@ class PoolPolicy(Generic[W]):
     _generation: int = field(default=0, init=False, repr=False)
     _timer_at: float = field(default=math.inf, init=False, repr=False)
     _closing: int = field(default=0, init=False, repr=False)  # slots in CLOSING
+    #: Slots that will serve waiters without a client returning one (see `_incoming`).
+    _incoming_count: int = field(default=0, init=False, repr=False)
 
     # -- observers ---------------------------------------------------------
 
@@ -328,6 +330,11 @@ class PoolPolicy(Generic[W]):
     def waiters(self) -> list[W]:
         """Waiting clients, in the order they will be served."""
         return list(self._waiters)
+
+    @property
+    def anyone_waiting(self) -> bool:
+        """Is a client waiting (queued, or for a connection opened for it)?"""
+        return bool(self._waiters)
 
     def ready(self) -> int:
         """Connections established (idle, lent, pipelining or being reset)."""
@@ -414,7 +421,8 @@ class PoolPolicy(Generic[W]):
         self._waiters[waiter] = _Waiter(now, deadline, queued, statement)
         if deadline < math.inf:
             self._push_deadline(deadline, waiter, actions)
-        self._grow(actions)
+        if self.max_size is None or len(self.slots) < self.max_size:  # (`_grow`'s first test)
+            self._grow(actions)
         return actions
 
     def cancel(self, waiter: W, now: float, *, timed_out: bool = False) -> list[Action[W]]:
@@ -446,9 +454,11 @@ class PoolPolicy(Generic[W]):
         Raises:
             KeyError: `slot_id` is not lent.
         """
-        slot = self._slot_in(slot_id, LENT)
+        slot = self.slots.get(slot_id)  # (`_slot_in` and `_ms`, inline: every request's path)
+        if slot is None or slot.state is not LENT:
+            raise KeyError(f"slot {slot_id} is not {LENT.value}")
         if not by_pool:
-            self.counters.usage_ms += _ms(now - slot.lent_at)
+            self.counters.usage_ms += round((now - slot.lent_at) * 1000)
         actions: list[Action[W]] = []
         if outcome is CLEAN:  # the common case first
             self._dispatch(slot, now, actions)
@@ -460,6 +470,7 @@ class PoolPolicy(Generic[W]):
             self._close(slot, actions)
         elif not self.closed and (self.keep_idle or self._waiters):  # dirty
             slot.state = SlotState.RESETTING
+            self._incoming_count += 1
             actions.append(Reset(slot.id))
         else:  # dirty, and no one to reset it for
             self._close(slot, actions)
@@ -468,6 +479,7 @@ class PoolPolicy(Generic[W]):
     def reset_done(self, slot_id: int, now: float, *, ok: bool) -> list[Action[W]]:
         """The shell finished resetting a returned connection."""
         slot = self._slot_in(slot_id, SlotState.RESETTING)
+        self._incoming_count -= 1  # (`_close` counts only CONNECTING slots out)
         actions: list[Action[W]] = []
         if ok:
             self._dispatch(slot, now, actions)
@@ -558,11 +570,17 @@ class PoolPolicy(Generic[W]):
         already over (a tiny ``max_lifetime``): every connection made serves.
         """
         slot = self._slot_in(slot_id, SlotState.CONNECTING)
+        if slot.for_waiters:  # not incoming any more
+            slot.for_waiters = False
+            self._incoming_count -= 1
         self.counters.connections_num += 1
         self.counters.connections_ms += _ms(connect_seconds)
         self.last_error = None
         slot.backoff = None
         slot.expires_at = now + self.max_lifetime * (1 - LIFETIME_JITTER * self.random())
+        # Of the generation it was made in: one established after a `drain` is new, as
+        # psycopg_pool's (else drains faster than a connection is made starve every client).
+        slot.generation = self._generation
         actions: list[Action[W]] = []
         self._dispatch(slot, now, actions, fresh=True)
         return actions
@@ -582,13 +600,13 @@ class PoolPolicy(Generic[W]):
         self.last_error = error
         actions: list[Action[W]] = []
         if self.closed or not self._needed(excluding=slot):
-            del self.slots[slot.id]
+            self._forget(slot)
             return None, actions
         if slot.backoff is None:
             slot.backoff = Backoff(self.reconnect_timeout, self.random)
         delay = slot.backoff.failed(now)
         if delay is None:
-            del self.slots[slot.id]
+            self._forget(slot)
             actions.append(ReconnectFailed())
             after = Backoff(math.inf, self.random).next()
             self._refill(actions, after)
@@ -609,7 +627,8 @@ class PoolPolicy(Generic[W]):
 
     def closed_slot(self, slot_id: int) -> list[Action[W]]:
         """A slot's connection is closed (or its connect abandoned): forget it."""
-        slot = self.slots.pop(slot_id)
+        slot = self.slots[slot_id]
+        self._forget(slot)
         if slot.state is SlotState.IDLE:
             self._idle.remove(slot_id)
         actions: list[Action[W]] = []
@@ -679,6 +698,9 @@ class PoolPolicy(Generic[W]):
 
     def drain(self, since_slot: int | None = None) -> list[Action[W]]:
         """Replace every connection: idle ones now, lent ones when they come back.
+
+        Connections being opened are kept once established (they are made
+        after the drain, as psycopg_pool's rule has it).
 
         With `since_slot`, only if that slot belongs to the newest generation of
         connections (so that many connections failing together drain once).
@@ -751,9 +773,9 @@ class PoolPolicy(Generic[W]):
             self._close(slot, actions)
             self._refill(actions)
             self._grow(actions)
-        elif self._waiters:
+        elif waiters := self._waiters:
             slot.lent_at = now
-            if next(iter(self._waiters.values())).statement:
+            if next(iter(waiters.values())).statement:
                 slot.state = PIPELINING
                 self._pipelining[slot.id] = slot
                 self._grant_statement(slot, now, actions)  # the first, even if slot expired
@@ -762,11 +784,14 @@ class PoolPolicy(Generic[W]):
                     self._timer_at = slot.expires_at
                     actions.append(Wake())
             else:
-                waiter, entry = self._waiters.popitem(last=False)
-                self._left_queue(entry, now)
+                waiter, entry = waiters.popitem(last=False)
+                if entry.queued:  # (`_left_queue`, inline: every waiter's path)
+                    self._queued -= 1
+                    self.counters.requests_wait_ms += round((now - entry.since) * 1000)
                 slot.state = LENT
                 actions.append(Grant(waiter, slot.id))
-                self._serve_statements(now, actions)  # the next may be statements
+                if waiters and next(iter(waiters.values())).statement:  # the next may be
+                    self._serve_statements(now, actions)
         elif self.keep_idle:
             slot.state = IDLE
             slot.idle_since = now
@@ -865,6 +890,8 @@ class PoolPolicy(Generic[W]):
         return self.max_size is None or self.size < self.max_size
 
     def _close(self, slot: Slot, actions: list[Action[W]]) -> None:
+        if slot.state is SlotState.CONNECTING and slot.for_waiters:
+            self._incoming_count -= 1
         self._closing += 1
         slot.state = SlotState.CLOSING
         actions.append(Close(slot.id))
@@ -876,21 +903,28 @@ class PoolPolicy(Generic[W]):
         slot = Slot(self._next_slot, self._generation, for_waiters=for_waiters)
         self._next_slot += 1
         self.slots[slot.id] = slot
+        self._incoming_count += for_waiters
         actions.append(Open(slot.id, after))
 
     def _incoming(self) -> int:
-        """Connections that will serve waiters without a client returning one.
+        """Connections that will serve waiters without a client returning one:
+        attempts started for waiters, and returned connections being reset.
 
         Attempts started while nobody waited (to keep ``min_size``) do not
         count: one that hangs (a ``configure`` callback stuck, say) must not
-        keep the pool from growing for the clients that wait.
+        keep the pool from growing for the clients that wait.  A running
+        count (kept where slots enter and leave those states), so that a
+        burst of requests costs linear time.
         """
-        return sum(
-            1
-            for slot in self.slots.values()
-            if (slot.state is SlotState.CONNECTING and slot.for_waiters)
-            or slot.state is SlotState.RESETTING
-        )
+        return self._incoming_count
+
+    def _forget(self, slot: Slot) -> None:
+        """Remove `slot` from the books, however it ends."""
+        del self.slots[slot.id]
+        if (slot.state is SlotState.CONNECTING and slot.for_waiters) or (
+            slot.state is SlotState.RESETTING
+        ):
+            self._incoming_count -= 1
 
     def _needed(self, excluding: Slot) -> bool:
         """Would the pool open a new connection if `excluding` did not exist?"""

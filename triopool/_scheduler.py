@@ -45,9 +45,13 @@ Where each guarantee lives:
   statement in flight on it, each caller with its own error, and its slot
   is replaced.
 
-There is no bypass: a lone client that finds an idle connection also goes
-through the inbox (one more task switch; see the architecture docs for the
-measurements that chose this).
+Two bypasses of the inbox, each taken only when it does exactly what the
+scheduler's next turn would (no message waiting, nobody queued), so FIFO and
+the policy's books hold: `Scheduler.lend_idle` lends an idle connection from
+the client's task, `Scheduler.release` gives a clean one back to idle.  A
+client alone on the pool then never waits for the scheduler's turn; under
+load the inbox is rarely empty and they are rarely taken (see the
+architecture docs for what they buy).
 """
 
 from __future__ import annotations
@@ -265,6 +269,9 @@ class Scheduler:
         #: The trio run's clock (set by the pool when it opens, before any request).
         self.clock: trio.abc.Clock
         self.stopped = False
+        #: The cancel scope of the scheduler's wait for messages (None while it
+        #: is not waiting in it: before it runs, while it ticks, once stopped).
+        self._timer: trio.CancelScope | None = None
 
     # -- client side (never waits but where it says) ----------------------------
 
@@ -341,10 +348,29 @@ class Scheduler:
     def release(self, actor: ConnectionActor, outcome: Outcome, *, by_pool: bool = False) -> None:
         """Give back the connection of `actor` (the caller held it).  Never waits.
 
-        Once the scheduler has stopped, the connection is closed here.
+        The other bypass of the inbox: a clean connection that nobody waits
+        for, given back while no message waits to be handled, is given to the
+        policy here, from the caller's task, as the scheduler's next turn
+        would (it goes idle, or is closed if it expired); with it, a client
+        alone on the pool never waits for the scheduler's turn.  Otherwise
+        the release is a message.  Once the scheduler has stopped, the
+        connection is closed here.
         """
         actor.lease = None
         now = self.clock.current_time()
+        timer = self._timer
+        if (
+            outcome is CLEAN
+            and not self.pending
+            and timer is not None
+            and not self.closing
+            and not self.policy.anyone_waiting
+        ):
+            self._execute(self.policy.release(actor.slot, now, CLEAN, by_pool=by_pool), now)
+            if self._wake:  # a deadline moved earlier: the scheduler's timer follows
+                self._wake = False
+                timer.deadline = self._next_deadline()
+            return
         try:  # (`post`, inline: this is every request's path)
             self._inbox.send_nowait(Release(actor, outcome, by_pool, now))
         except trio.ClosedResourceError:  # stopped: closed here
@@ -403,6 +429,7 @@ class Scheduler:
                 # moves with the policy's (a scope per turn would cost more than
                 # the rest of the turn).
                 with trio.CancelScope(deadline=self._next_deadline()) as timer:
+                    self._timer = timer
                     while True:
                         first = await messages.receive()
                         self._wake = False
@@ -422,6 +449,7 @@ class Scheduler:
                             break
                         if self._wake:
                             timer.deadline = self._next_deadline()
+                self._timer = None
                 now = clock.current_time()
                 self._execute(policy.tick(now), now)
                 if self._to_flush:
@@ -463,7 +491,8 @@ class Scheduler:
                     self._execute(policy.cancel(message, now), now)
             case Release(actor=actor, at=at):
                 actions = policy.release(actor.slot, at, message.outcome, by_pool=message.by_pool)
-                self._execute(actions, at)
+                if actions:
+                    self._execute(actions, at)
             case StatementsDone(actor=actor, count=count):
                 if policy.state_of(actor.slot) is PIPELINING:
                     self._execute(policy.statements_done(actor.slot, now, count), now)
@@ -539,13 +568,16 @@ class Scheduler:
             )
             reschedule(request.task, outcome.Error(error))
             return
-        if not isinstance(result, int):
-            self._execute(result, now)
+        if not isinstance(result, int):  # queued
+            if result:
+                self._execute(result, now)
         elif statement:
             assert isinstance(request, Statement)
             self._send(request, result, now)
-        else:
-            self._execute([Grant(request, result)], now)
+        else:  # lent at once (at `now`, its `at`)
+            actor = self.actors[result]
+            actor.lease = request
+            reschedule(request.task, outcome.Value(actor))
 
     def _send(self, statement: Statement, slot: int, now: float) -> None:
         """Send `statement` on `slot`, where the policy placed it."""
@@ -707,6 +739,7 @@ class Scheduler:
         policy's books.
         """
         self.stopped = True
+        self._timer = None
         self._inbox.close()
         policy = self.policy
         now = self.clock.current_time()

@@ -846,8 +846,9 @@ class ConnectionPool:
     async def drain(self) -> None:
         """Replace every connection: idle ones now, lent ones when they come back.
 
-        For example after a failover or a credentials rotation.  Does nothing
-        before the pool is opened.
+        For example after a failover or a credentials rotation.  A connection
+        being opened is kept once established: it is made after the drain (as
+        psycopg_pool's rule has it).  Does nothing before the pool is opened.
 
         Checkpoints: always.  If cancelled: nothing was replaced.
         """
