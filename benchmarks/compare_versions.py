@@ -10,8 +10,9 @@ interpreter, alternating the order every round, against the same server:
 
 * the standard workload (100 tasks, 10 connections, autocommit ``SELECT 1``
   per request: one round trip), through ``triopool._bench.worker``;
-* pure acquire + release (no query) with 1 and 100 tasks on 10 connections,
-  and the same for a bare ``trio.Semaphore`` + deque in the same process.
+* acquire + checkpoint + release (no query) with 1 and 100 tasks on 10
+  connections, and the same for a bare ``trio.Semaphore`` + deque in the same
+  process (the measure of ``psycopg-on-trio.md``'s scheduler-actor table).
 
 Medians are printed, with each run's value.
 """
@@ -27,20 +28,45 @@ from pathlib import Path
 from _server import add_dsn_argument, server_dsn
 from triopool._bench._results import Settings
 
-# Run by each interpreter: µs per acquire+release for the pool and the bare
-# Semaphore+deque, 1 task and 100 tasks.  Uses only what every version has.
+# Run by each interpreter: µs per acquire + checkpoint + release (a client holds its
+# connection across at least one scheduling point) for the pool and for a bare
+# Semaphore+deque, 1 task and 100 tasks.  Self-contained: the same code for every version.
 ACQUIRE_RELEASE = """
-import json, sys, trio
+import json, sys, time, trio
+from collections import deque
 from triopool import open_pool
-from triopool._bench._workload import acquire_release_us, semaphore_deque_us
+
+async def clients(body, tasks, cycles):
+    per_task = cycles // tasks
+    async def client():
+        for _ in range(per_task):
+            await body()
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(tasks):
+            nursery.start_soon(client)
+    return (time.perf_counter() - started) / (per_task * tasks) * 1e6
 
 async def main(dsn, cycles):
     out = {}
     async with open_pool(dsn, min_size=10, max_size=10, wait=True) as pool:
+        semaphore, items = trio.Semaphore(10), deque(range(10))
+
+        async def pooled():
+            conn = await pool.getconn()
+            await trio.lowlevel.checkpoint()
+            await pool.putconn(conn)
+
+        async def bare():
+            async with semaphore:
+                item = items.popleft()
+                await trio.lowlevel.checkpoint()
+                items.append(item)
+
         for tasks in (1, 100):
-            await acquire_release_us(pool, tasks, cycles // 10)  # warm up
-            out[f"pool {tasks}"] = await acquire_release_us(pool, tasks, cycles)
-            out[f"bare {tasks}"] = await semaphore_deque_us(10, tasks, cycles)
+            await clients(pooled, tasks, cycles // 10)  # warm up
+            out[f"pool {tasks}"] = await clients(pooled, tasks, cycles)
+            out[f"bare {tasks}"] = await clients(bare, tasks, cycles)
     print(json.dumps(out))
 
 trio.run(main, sys.argv[1], int(sys.argv[2]))
@@ -88,6 +114,10 @@ def main() -> None:
         for key, values in micros[python].items():
             runs = ", ".join(f"{value:.1f}" for value in values)
             print(f"  acquire+release, {key:<8} {statistics.median(values):6.1f} µs  ({runs})")
+        for tasks in (1, 100):
+            pool, bare = micros[python][f"pool {tasks}"], micros[python][f"bare {tasks}"]
+            ratio = statistics.median(p / b for p, b in zip(pool, bare, strict=True))
+            print(f"  pool ÷ bare, {tasks} tasks: {ratio:.2f} (median of each run's ratio)")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ the difference divided by ``N``, so start-up costs cancel out:
 
 * ``standard``: 100 tasks, 10 connections, ``async with pool.connection()`` and one
   autocommit ``SELECT 1`` (one round trip) per request;
-* ``acquire+release 100`` / ``1``: ``getconn`` then ``putconn``, no query, 100 or 1 tasks on
-  10 connections; ``semaphore 100`` / ``1``: the same with a bare ``trio.Semaphore`` + deque.
+* ``acquire+release 100`` / ``1``: ``getconn``, a checkpoint, ``putconn`` (no query), 100 or
+  1 tasks on 10 connections; ``semaphore 100`` / ``1``: the same with a bare
+  ``trio.Semaphore`` + deque.
 
 Each ``--python`` must have triopool installed (say the previous commit in a second
 virtualenv); by default the interpreter running this script.  Needs ``valgrind``; about
@@ -58,12 +59,15 @@ async def main():
                 await conn.execute("SELECT 1")
 
         async def acquire_release():
-            await pool.putconn(await pool.getconn())
+            conn = await pool.getconn()
+            await trio.lowlevel.checkpoint()
+            await pool.putconn(conn)
 
         async def bare():
-            await semaphore.acquire()
-            items.append(items.popleft())
-            semaphore.release()
+            async with semaphore:
+                item = items.popleft()
+                await trio.lowlevel.checkpoint()
+                items.append(item)
 
         body = {"standard": standard, "acquire+release": acquire_release, "semaphore": bare}
         await clients(body[kind], 1000)  # warm up
