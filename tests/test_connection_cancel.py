@@ -212,12 +212,12 @@ async def test_cancel_inside_nested_savepoint(conn: Conn) -> None:
 
 async def test_cancel_during_copy_out(aconn: Conn) -> None:
     # Cancelled once data flows (a timeout could fire before the first block on a busy
-    # machine): the rest of the 50 million rows is cancelled on the server, not read.
+    # machine).  The COPY would run for hours (5 billion rows): the test ends only if the
+    # rest is cancelled on the server, not read (bounded, so that it fails clearly).
     got = 0
-    t0 = trio.current_time()
-    with trio.CancelScope() as scope:
+    with trio.fail_after(30), trio.CancelScope() as scope:
         async with aconn.cursor().copy(
-            "COPY (SELECT generate_series(1, 50000000)) TO STDOUT"
+            "COPY (SELECT generate_series(1, 5000000000)) TO STDOUT"
         ) as copy:
             while block := await copy.read():
                 got += len(block)
@@ -225,7 +225,6 @@ async def test_cancel_during_copy_out(aconn: Conn) -> None:
                     scope.cancel()
     assert scope.cancelled_caught
     assert got > 1_000_000
-    assert trio.current_time() - t0 < 3.0
     assert_usable_idle(aconn)
     cur = await aconn.execute("SELECT 7")
     assert await cur.fetchone() == (7,)
