@@ -546,6 +546,26 @@ class RealPoolMachine(PoolMachine):
         self.killed.extend(pool_connections(self.pool).values())
         self.trio.step(self._call(self.proxy.reset_all))
 
+    @precondition(lambda self: not self.pool.closed)
+    @rule(cancel=st.booleans())
+    def check_idle(self, cancel: bool) -> None:
+        """``pool.check()`` in the background (maintenance), maybe cancelled as soon as
+        it has begun: each idle connection is checked and comes back (a dead one is
+        replaced); a cancelled call loses none and lends no connection it checked."""
+        scope = trio.CancelScope()
+
+        async def checking() -> None:
+            with scope:
+                await self.pool.check()
+
+        async def step() -> None:
+            self.trio.nursery.start_soon(checking)
+            if cancel:
+                await trio.lowlevel.checkpoint()
+                scope.cancel()
+
+        self.trio.step(step)
+
     def all_closed(self) -> None:
         self.trio.step(self._call(self.proxy_scope.cancel))
         # Backends exit asynchronously after their client left.

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import psycopg
 import trio
@@ -34,12 +34,26 @@ from ._groups import raise_from_group
 from ._policy import BACKOFF_JITTER, INITIAL_BACKOFF, Backoff
 from .errors import PoolClosed, PoolTimeout
 
-if TYPE_CHECKING:
-    from .pool import ConnectionPool
-
 __all__ = ["ListenerGap", "Notifications"]
 
 logger = logging.getLogger("triopool")
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What a listener needs of its pool (which makes one: this module knows no pool).
+
+    `connect` makes a connection for the listener (autocommit, outside the
+    pool's slots); `closing` is set when the pool starts closing.
+    """
+
+    name: str
+    timeout: float  # noqa: ASYNC109  # seconds: how long entering may wait
+    reconnect_timeout: float
+    random: Callable[[], float]
+    connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
+    closing: trio.Event
+    closed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,14 +204,14 @@ class Notifications:
         self._consumers.unpark_all()
         self._listening.set()
 
-    async def _serve(self, pool: ConnectionPool) -> None:
+    async def _serve(self, pool: Source) -> None:
         """Keep a connection listening, forever; reconnect when it is lost."""
-        random = pool._policy.random
+        random = pool.random
         backoff = Backoff(pool.reconnect_timeout, random)
         connected_before = False
         while True:
             try:
-                conn = await pool._connect_listener()
+                conn = await pool.connect()
             except Exception as ex:
                 self._last_error = ex
                 delay = backoff.failed(trio.current_time())
@@ -247,7 +261,7 @@ class Notifications:
 
 @asynccontextmanager
 async def open_listener(
-    pool: ConnectionPool, channels: tuple[str, ...], buffer_size: int
+    pool: Source, channels: tuple[str, ...], buffer_size: int
 ) -> AsyncIterator[Notifications]:
     """See `ConnectionPool.listener`."""
     if not channels:
@@ -284,11 +298,11 @@ async def open_listener(
 
 
 async def _serve_until_closed(  # noqa: ASYNC910  # the nursery waits; raise_from_group raises
-    pool: ConnectionPool, notifications: Notifications
+    pool: Source, notifications: Notifications
 ) -> None:
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on, pool._closing, nursery.cancel_scope)
+            nursery.start_soon(_cancel_on, pool.closing, nursery.cancel_scope)
             await notifications._serve(pool)
     except BaseExceptionGroup as group:
         raise_from_group(group)

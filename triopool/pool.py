@@ -68,7 +68,7 @@ from ._scheduler import (
 )
 from .connection import FIRST_ROW, FIRST_VALUE, ROWCOUNT, ROWS, TOTAL_ROWCOUNT, Connection
 from .errors import PoolClosed, PoolTimeout
-from .listener import Notifications, open_listener
+from .listener import Notifications, Source, open_listener
 from .stats import Holder, PoolStatus, stats_dict
 
 __all__ = ["ConnectionPool", "NullConnectionPool", "open_pool"]
@@ -891,11 +891,16 @@ class ConnectionPool:
         pool's ``timeout``, else `PoolTimeout`).  Not for PgBouncer in
         transaction mode: connect the pool to the server directly.
         """
-        return open_listener(self, channels, buffer_size)
-
-    async def _connect_listener(self) -> AnyConnection:
-        """A connection for `listener`: autocommit, not configured, not pooled."""
-        return await self._connector.connect_unpooled()
+        source = Source(
+            name=self.name,
+            timeout=self.timeout,
+            reconnect_timeout=self.reconnect_timeout,
+            random=self._policy.random,
+            connect=self._connector.connect_unpooled,  # autocommit, not configured
+            closing=self._closing,
+            closed=self.closed,
+        )
+        return open_listener(source, channels, buffer_size)
 
     check_connection = staticmethod(check_connection)
 
