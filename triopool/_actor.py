@@ -88,7 +88,8 @@ KwargsParam: TypeAlias = (
 Report: TypeAlias = Callable[[object], None]
 
 _IDLE = pq.TransactionStatus.IDLE
-_DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+#: A connection in a transaction (ended by a rollback, then reusable).
+DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _OK = pq.ConnStatus.OK
 #: Most reads `alive` makes (a session's end is an error message, then end of stream).
 _PROBE_READS = 4
@@ -110,7 +111,7 @@ def outcome_of(conn: AnyConnection, *, reset: bool) -> Outcome:
     status = conn.pgconn.transaction_status
     if status == _IDLE:
         return DIRTY if reset else CLEAN
-    if status in _DIRTY_STATES:
+    if status in DIRTY_STATES:
         return DIRTY
     return BROKEN
 
@@ -188,7 +189,7 @@ async def autocommit(conn: AnyConnection) -> AsyncIterator[AnyConnection]:
             if not conn.closed and not conn.broken:
                 status = conn.pgconn.transaction_status
                 try:
-                    if status in _DIRTY_STATES:
+                    if status in DIRTY_STATES:
                         left_open = True
                         await conn.rollback()
                     elif status != _IDLE:  # ACTIVE: unusable
@@ -638,7 +639,7 @@ class ConnectionActor:
         ok = False
         with trio.move_on_after(timeout):  # noqa: ASYNC912  # nothing to reset is fine
             try:
-                if conn.pgconn.transaction_status in _DIRTY_STATES:
+                if conn.pgconn.transaction_status in DIRTY_STATES:
                     await conn.rollback()
                 if reset is not None:
                     await reset(conn)

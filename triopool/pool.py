@@ -42,6 +42,7 @@ from trio.lowlevel import (
 )
 
 from ._actor import (
+    DIRTY_STATES,
     AnyConnection,
     ConnectionActor,
     ConnectionCallback,
@@ -75,10 +76,9 @@ __all__ = ["ConnectionPool", "NullConnectionPool", "open_pool"]
 
 logger = logging.getLogger("triopool")
 
-_DIRTY_STATES = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 #: Where leaving `ConnectionPool.connection` ends the transaction: ACTIVE too (another
 #: task's command runs on the connection: the exit waits for it, then commits).
-_UNFINISHED_STATES = (*_DIRTY_STATES, pq.TransactionStatus.ACTIVE)
+_UNFINISHED_STATES = (*DIRTY_STATES, pq.TransactionStatus.ACTIVE)
 #: The SQLSTATE that shows a failover: a write refused by a server that became
 #: a standby (``read_only_sql_transaction``).
 _FAILOVER_SQLSTATE = "25006"
