@@ -50,7 +50,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Concatenate, Literal, ParamSpec, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -413,6 +413,8 @@ class PolicyMachine(RuleBasedStateMachine):
         # The policy's running count of what will serve waiters (kept, not recounted).
         incoming = len(self.for_waiters & set(self.connecting)) + len(self.resetting)
         assert policy._incoming() == incoming, "running count of incoming connections"
+        queued_statements = sum(1 for waiter in self.queue if self.kinds[waiter] == "statement")
+        assert policy._statements_queued == queued_statements, "running count of statements"
         assert (policy.min_size, policy.max_size) == (self.min_size, self.max_size)
         assert not (self.idle and self.queue), "idle connections while clients wait"
         for slot, statements in self.pipes.items():
@@ -1090,16 +1092,17 @@ def plant_unbounded_grow(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def plant_missing_wake(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new waiter's earlier deadline does not wake the shell."""
-    push_deadline = PoolPolicy._push_deadline
+    request = PoolPolicy.request
 
-    def push(
-        self: PoolPolicy[int], deadline: float, waiter: int, actions: list[Action[int]]
-    ) -> None:
-        push_deadline(self, deadline, waiter, actions)
-        if actions[-1:] == [Wake()]:
-            actions.pop()
+    def request_without_wake(
+        self: PoolPolicy[int], waiter: int, now: float, *args: Any, **kwargs: Any
+    ) -> int | list[Action[int]]:
+        result = request(self, waiter, now, *args, **kwargs)
+        if isinstance(result, list) and Wake() in result:
+            result.remove(Wake())
+        return result
 
-    monkeypatch.setattr(PoolPolicy, "_push_deadline", push)
+    monkeypatch.setattr(PoolPolicy, "request", request_without_wake)
 
 
 def plant_no_refill(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -281,8 +281,16 @@ class PoolPolicy(Generic[W]):
     # Waiting clients, in arrival order.
     _waiters: OrderedDict[W, _Waiter] = field(default_factory=OrderedDict, init=False, repr=False)
     _queued: int = field(default=0, init=False, repr=False)  # waiters counted as queued
-    # (deadline, sequence, waiter) of queued waiters; entries of waiters that
-    # left the queue are dropped lazily (and compacted, see `_push_deadline`)
+    _statements_queued: int = field(default=0, init=False, repr=False)  # of the waiters
+    # The deadlines of queued waiters.  Timeouts are mostly alike, so a
+    # waiter's deadline is mostly no earlier than any queued before it: those
+    # are kept as (deadline, waiter) in `_in_order`, whose deadlines are in
+    # arrival order (a deque: no sorting); the others as (deadline, sequence,
+    # waiter) in the heap `_deadlines`.  Entries of waiters that left the queue
+    # are dropped lazily (and compacted, see `_push_deadline` and `cancel`);
+    # both are emptied whenever the queue is.
+    _in_order: deque[tuple[float, W]] = field(default_factory=deque, init=False, repr=False)
+    _latest_deadline: float = field(default=-math.inf, init=False, repr=False)
     _deadlines: list[tuple[float, int, W]] = field(default_factory=list, init=False, repr=False)
     _sequence: int = field(default=0, init=False, repr=False)
     _next_slot: int = field(default=0, init=False, repr=False)
@@ -343,10 +351,13 @@ class PoolPolicy(Generic[W]):
     def next_deadline(self) -> float:
         """When `tick` next has work to do (``math.inf``: never, until an event)."""
         deadline = math.inf
-        while self._deadlines and not self._queued_with(self._deadlines[0]):
+        self._trim_in_order()
+        if self._in_order:
+            deadline = self._in_order[0][0]
+        while self._deadlines and not self._queued_with(self._deadlines[0][::2]):
             heapq.heappop(self._deadlines)
         if self._deadlines:
-            deadline = self._deadlines[0][0]
+            deadline = min(deadline, self._deadlines[0][0])
         if self._idle:
             if self._staying() > self.min_size:
                 oldest = self.slots[self._idle[0]]
@@ -418,9 +429,22 @@ class PoolPolicy(Generic[W]):
         if queued:
             self.counters.requests_queued += 1
             self._queued += 1
-        self._waiters[waiter] = _Waiter(now, deadline, queued, statement)
+        waiters = self._waiters
+        if not waiters:  # every deadline entry left is stale
+            self._in_order.clear()
+            self._deadlines.clear()
+            self._latest_deadline = -math.inf
+        waiters[waiter] = _Waiter(now, deadline, queued, statement)
+        self._statements_queued += statement
         if deadline < math.inf:
-            self._push_deadline(deadline, waiter, actions)
+            if deadline >= self._latest_deadline:  # the common case (see `_in_order`)
+                self._latest_deadline = deadline
+                self._in_order.append((deadline, waiter))
+            else:
+                self._push_deadline(deadline, waiter)
+            if deadline < self._timer_at:
+                self._timer_at = deadline
+                actions.append(Wake())
         if self.max_size is None or len(self.slots) < self.max_size:  # (`_grow`'s first test)
             self._grow(actions)
         return actions
@@ -436,6 +460,9 @@ class PoolPolicy(Generic[W]):
         if entry is None:
             return actions
         self._left_queue(entry, now)
+        if len(self._in_order) > 2 * len(self._waiters) + 64:
+            # Mostly entries of waiters cancelled since: keep only live ones.
+            self._in_order = deque(e for e in self._in_order if self._queued_with(e))
         if timed_out:
             self.counters.requests_errors += 1
         self._serve_statements(now, actions)
@@ -644,13 +671,11 @@ class PoolPolicy(Generic[W]):
     def tick(self, now: float) -> list[Action[W]]:
         """Time passed: fail waiters past their deadline, close expired and surplus idle."""
         actions: list[Action[W]] = []
-        while self._deadlines and self._deadlines[0][0] <= now:
-            entry = heapq.heappop(self._deadlines)
-            if self._queued_with(entry):
-                waiter = self._waiters.pop(entry[2])
-                self._left_queue(waiter, now)
-                self.counters.requests_errors += 1
-                actions.append(Expire(entry[2], waiter.deadline - waiter.since))
+        in_order, deadlines = self._in_order, self._deadlines
+        while in_order and in_order[0][0] <= now:
+            self._expire(in_order.popleft(), now, actions)
+        while deadlines and deadlines[0][0] <= now:
+            self._expire(heapq.heappop(deadlines)[::2], now, actions)
         for slot_id in list(self._idle):
             slot = self.slots[slot_id]
             if slot.expires_at <= now:
@@ -730,6 +755,8 @@ class PoolPolicy(Generic[W]):
         self.counters.requests_errors += len(self._waiters)
         self._waiters.clear()
         self._queued = 0
+        self._statements_queued = 0
+        self._in_order.clear()
         self._deadlines.clear()
         for slot in list(self.slots.values()):
             if slot.state in (SlotState.IDLE, SlotState.CONNECTING):
@@ -755,6 +782,7 @@ class PoolPolicy(Generic[W]):
         if waiter.queued:
             self._queued -= 1
             self.counters.requests_wait_ms += _ms(now - waiter.since)
+        self._statements_queued -= waiter.statement
 
     def _dispatch(
         self, slot: Slot, now: float, actions: list[Action[W]], *, fresh: bool = False
@@ -775,7 +803,7 @@ class PoolPolicy(Generic[W]):
             self._grow(actions)
         elif waiters := self._waiters:
             slot.lent_at = now
-            if next(iter(waiters.values())).statement:
+            if self._statements_queued and next(iter(waiters.values())).statement:
                 slot.state = PIPELINING
                 self._pipelining[slot.id] = slot
                 self._grant_statement(slot, now, actions)  # the first, even if slot expired
@@ -788,9 +816,14 @@ class PoolPolicy(Generic[W]):
                 if entry.queued:  # (`_left_queue`, inline: every waiter's path)
                     self._queued -= 1
                     self.counters.requests_wait_ms += round((now - entry.since) * 1000)
+                in_order = self._in_order
+                if in_order and in_order[0][1] is waiter:  # its deadline entry, as a rule
+                    in_order.popleft()
+                elif in_order:
+                    self._trim_in_order()
                 slot.state = LENT
                 actions.append(Grant(waiter, slot.id))
-                if waiters and next(iter(waiters.values())).statement:  # the next may be
+                if self._statements_queued and next(iter(waiters.values())).statement:
                     self._serve_statements(now, actions)
         elif self.keep_idle:
             slot.state = IDLE
@@ -844,6 +877,7 @@ class PoolPolicy(Generic[W]):
         """The first waiter, a statement, is sent on PIPELINING `slot`."""
         waiter, entry = self._waiters.popitem(last=False)
         self._left_queue(entry, now)
+        self._trim_in_order()
         slot.in_flight += 1
         actions.append(Grant(waiter, slot.id))
 
@@ -853,7 +887,7 @@ class PoolPolicy(Generic[W]):
         Called wherever the head of the queue or a slot's room may change.
         """
         waiters = self._waiters
-        while waiters and next(iter(waiters.values())).statement:
+        while self._statements_queued and next(iter(waiters.values())).statement:
             slot = self._least_busy()
             if slot is None:
                 return
@@ -866,21 +900,33 @@ class PoolPolicy(Generic[W]):
         slot.held = False
         self.counters.usage_ms += _ms(now - slot.lent_at)
 
-    def _queued_with(self, entry: tuple[float, int, W]) -> bool:
-        """Is `entry` (of `_deadlines`) the deadline of a waiter still queued?"""
-        waiter = self._waiters.get(entry[2])
+    def _queued_with(self, entry: tuple[float, W]) -> bool:
+        """Is `entry` (deadline, waiter) the deadline of a waiter still queued?"""
+        waiter = self._waiters.get(entry[1])
         return waiter is not None and waiter.deadline == entry[0]
 
-    def _push_deadline(self, deadline: float, waiter: W, actions: list[Action[W]]) -> None:
+    def _trim_in_order(self) -> None:
+        """Drop the first entries of `_in_order` while their waiters left the queue."""
+        in_order = self._in_order
+        while in_order and not self._queued_with(in_order[0]):
+            in_order.popleft()
+
+    def _push_deadline(self, deadline: float, waiter: W) -> None:
+        """Keep a deadline earlier than one queued before it (see `_in_order`)."""
         if len(self._deadlines) > 2 * len(self._waiters) + 64:
             # Mostly entries of waiters served since: keep only live ones.
-            self._deadlines = [e for e in self._deadlines if self._queued_with(e)]
+            self._deadlines = [e for e in self._deadlines if self._queued_with(e[::2])]
             heapq.heapify(self._deadlines)
         self._sequence += 1
         heapq.heappush(self._deadlines, (deadline, self._sequence, waiter))
-        if deadline < self._timer_at:
-            self._timer_at = deadline
-            actions.append(Wake())
+
+    def _expire(self, entry: tuple[float, W], now: float, actions: list[Action[W]]) -> None:
+        """`entry`'s deadline has passed: its waiter, if still queued, fails."""
+        if self._queued_with(entry):
+            waiter = self._waiters.pop(entry[1])
+            self._left_queue(waiter, now)
+            self.counters.requests_errors += 1
+            actions.append(Expire(entry[1], waiter.deadline - waiter.since))
 
     def _staying(self) -> int:
         """Slots not being closed: what shrinking decisions count."""

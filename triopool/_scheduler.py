@@ -255,7 +255,8 @@ class Scheduler:
         self._timeout_error = timeout_error
         #: Actors by slot: every slot the policy knows has one (until it ends).
         self.actors: dict[int, ConnectionActor] = {}
-        self._actor_of: dict[AnyConnection, ConnectionActor] = {}  # once connected
+        #: The actor owning each connection (once connected, until it ends).
+        self.actor_of: dict[AnyConnection, ConnectionActor] = {}
         self._inbox, self._messages = trio.open_memory_channel[object](math.inf)
         self._nursery: trio.Nursery | None = None
         self._checks: dict[int, CheckIdle] = {}  # slot -> the CheckIdle it is part of
@@ -360,8 +361,8 @@ class Scheduler:
         now = self.clock.current_time()
         timer = self._timer
         if (
-            outcome is CLEAN
-            and not self.pending
+            not self.pending
+            and outcome is CLEAN
             and timer is not None
             and not self.closing
             and not self.policy.anyone_waiting
@@ -377,10 +378,6 @@ class Scheduler:
             self.settle(self.policy.release(actor.slot, now, outcome, by_pool=by_pool), now)
         else:
             self.pending += 1
-
-    def actor_of(self, conn: AnyConnection) -> ConnectionActor | None:
-        """The actor owning `conn` (None if it is not this pool's, or closed)."""
-        return self._actor_of.get(conn)
 
     def tell(self, message: object) -> None:
         """Send `message` without waiting for it to be handled.
@@ -501,7 +498,7 @@ class Scheduler:
             case Connected(actor=actor):
                 if policy.state_of(actor.slot) is SlotState.CONNECTING:
                     assert actor.conn is not None
-                    self._actor_of[actor.conn] = actor
+                    self.actor_of[actor.conn] = actor
                     self._execute(policy.connected(actor.slot, now, message.seconds), now)
                 # else: being closed; CLOSE is in its mailbox.
             case ConnectFailed(actor=actor, error=error):
@@ -641,7 +638,7 @@ class Scheduler:
         if self.actors.get(slot) is actor:
             del self.actors[slot]
         if actor.conn is not None:
-            self._actor_of.pop(actor.conn, None)
+            self.actor_of.pop(actor.conn, None)
         check = self._checks.pop(slot, None)
         if check is not None:
             check.pending -= 1
@@ -786,7 +783,7 @@ class Scheduler:
             elif isinstance(action, Close):
                 actor = self.actors.pop(action.slot, None)
                 if actor is not None and actor.conn is not None:
-                    self._actor_of.pop(actor.conn, None)
+                    self.actor_of.pop(actor.conn, None)
                     if close:
                         actor.conn._close_now()
                 self.policy.closed_slot(action.slot)

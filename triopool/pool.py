@@ -285,6 +285,7 @@ class ConnectionPool:
             self._on_reconnect_failed,
             self._timeout_error,
         )
+        self._actor_of = self._scheduler.actor_of
         self._nursery: trio.Nursery | None = None
         self._opened = False
         self._closing = trio.Event()
@@ -515,12 +516,6 @@ class ConnectionPool:
             PoolClosed: the pool is closed, or was closed while waiting.
             RuntimeError: not called from a trio task.
         """
-        actor = await self._borrow(timeout)
-        assert actor.conn is not None
-        return actor.conn
-
-    async def _borrow(self, timeout: float | None) -> ConnectionActor:  # noqa: ASYNC109
-        """`getconn`, returning the actor whose connection is lent (see there)."""
         try:
             task = current_task()
         except RuntimeError:
@@ -550,7 +545,7 @@ class ConnectionPool:
             if self._check is None:
                 if self.leak_timeout < math.inf:
                     self._watch(actor)
-                return actor
+                return conn
             try:
                 with trio.move_on_at(deadline) as scope:
                     await self._run_check(conn)
@@ -573,7 +568,7 @@ class ConnectionPool:
                     raise PoolClosed(f"the pool {self.name!r} is closed")
                 if self.leak_timeout < math.inf:
                     self._watch(actor)
-                return actor
+                return conn
             # The check failed: try another connection, backing off after the first.
             if failed_checks is None:
                 failed_checks = self._policy.retry_delays()
@@ -654,7 +649,7 @@ class ConnectionPool:
             ValueError: `conn` is not currently lent by this pool (a foreign
                 connection, or one already returned).
         """
-        actor = self._scheduler.actor_of(conn)
+        actor = self._actor_of.get(conn)
         if actor is None or actor.lease is None:
             raise ValueError(f"can't return connection to pool {self.name!r}: it is not lent by it")
         self._put_back(actor, conn)
@@ -1013,13 +1008,13 @@ class _PooledConnection:
             )
         self._busy = True
         try:
-            self._actor = actor = await self._pool._borrow(self._timeout)
+            conn = await self._pool.getconn(self._timeout)
         except BaseException:
             self._busy = False
             raise
+        self._actor = actor = self._pool._actor_of[conn]
         self._lease = actor.lease  # identifies this loan of the connection
-        self._conn = conn = actor.conn
-        assert conn is not None
+        self._conn = conn
         return conn
 
     async def __aexit__(  # noqa: ASYNC910  # leaving without a transaction does not wait, by design
