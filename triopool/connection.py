@@ -187,8 +187,7 @@ class _ConnectionLock:
         else:
             self._locked = False
 
-    async def __aenter__(self) -> None:
-        await self.acquire()
+    __aenter__ = acquire  # (not a coroutine awaiting it: every query's path)
 
     async def __aexit__(self, *exc_info: object) -> None:  # noqa: ASYNC910  # releasing never waits
         self.release()
@@ -645,10 +644,19 @@ class Connection(psycopg.AsyncConnection[Row]):
             return ex.value
         run = _GenRun(gen, state)
         fd = self._socket(gen)
-        if timeout is None:
-            return await self._complete(run, fd)
-        with trio.move_on_after(timeout):
-            return await self._complete(run, fd)
+        # (`_drive` awaited here, not in a helper: this is every query's path.)
+        try:
+            if timeout is None:
+                return await _drive(run, fd)
+            with trio.move_on_after(timeout):
+                return await _drive(run, fd)
+        except Exception:
+            _discard(run.gen)  # finished, or stopped by a closed socket
+            raise
+        except BaseException:  # trio.Cancelled, KeyboardInterrupt
+            await self._interrupted(run)  # noqa: ASYNC102  # _interrupted shields itself, bounded
+            raise
+        await self._interrupted(run)  # timed out  # noqa: ASYNC102  # shielded, bounded
         raise e.OperationalError("wait timeout expired")
 
     def _socket(self, gen: PQGen[Any]) -> int:
@@ -657,17 +665,6 @@ class Connection(psycopg.AsyncConnection[Row]):
             return self.pgconn.socket
         except BaseException:
             _discard(gen)
-            raise
-
-    async def _complete(self, run: _GenRun, fd: int) -> Any:
-        """Run `run` to completion; on interruption bring the connection back, then re-raise."""
-        try:
-            return await _drive(run, fd)
-        except Exception:
-            _discard(run.gen)  # finished, or stopped by a closed socket
-            raise
-        except BaseException:  # trio.Cancelled, KeyboardInterrupt
-            await self._interrupted(run)  # noqa: ASYNC102  # _interrupted shields itself, bounded
             raise
 
     async def _interrupted(self, run: _GenRun | None) -> None:  # noqa: ASYNC910  # shielded on purpose

@@ -1028,31 +1028,20 @@ class _PooledConnection:
         assert conn is not None
         assert actor is not None
         try:
-            await self._leave(conn, actor, lease, exc_type, exc_val, exc_tb)  # noqa: ASYNC102  # _leave shields what must be
+            if actor.lease is not lease:
+                return  # noqa: ASYNC910  # the block gave it back (``close_returns``): not ours
+            pool = self._pool
+            if isinstance(exc_val, psycopg.Error) and exc_val.sqlstate == _FAILOVER_SQLSTATE:
+                pool._failover_suspected(actor)
+            try:
+                if conn.pgconn.transaction_status in _UNFINISHED_STATES and not conn.closed:
+                    await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back  # noqa: ASYNC102  # commit after success stays cancellable; rollback is shielded
+            finally:
+                # Unless given back meanwhile (another task closing it, say):
+                if actor.lease is lease:
+                    pool._put_back(actor, conn)
         finally:
             self._busy = False
-
-    async def _leave(  # noqa: ASYNC910  # leaving without a transaction does not wait, by design
-        self,
-        conn: AnyConnection,
-        actor: ConnectionActor,
-        lease: object,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        if actor.lease is not lease:
-            return  # noqa: ASYNC910  # the block gave it back (``close_returns``): not ours
-        pool = self._pool
-        if isinstance(exc_val, psycopg.Error) and exc_val.sqlstate == _FAILOVER_SQLSTATE:
-            pool._failover_suspected(actor)
-        try:
-            if conn.pgconn.transaction_status in _UNFINISHED_STATES and not conn.closed:
-                await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back  # noqa: ASYNC102  # commit after success stays cancellable; rollback is shielded
-        finally:
-            # Unless given back meanwhile (another task closing it, say):
-            if actor.lease is lease:
-                pool._put_back(actor, conn)
 
 
 class NullConnectionPool(ConnectionPool):
