@@ -46,7 +46,8 @@ psycopg non-public names used (all of them, and only in this module):
   ``AsyncConnection._try_cancel`` and ``AsyncConnection._pipeline_nolock``
   (overridden), ``BaseConnection._cancel_gen`` (its ``timeout`` argument exists in
   3.2 only), ``BaseConnection._should_cancel``, ``._check_connection_ok``,
-  ``._commit_gen``, ``._rollback_gen``; ``BaseTransaction._enter_gen``,
+  ``._commit_gen``, ``._rollback_gen``; ``BaseCursor._execute_gen`` (what
+  ``AsyncCursor.execute`` runs under the lock); ``BaseTransaction._enter_gen``,
   ``._exit_gen``, ``._check_enter`` (3.3 only); ``BasePipeline._enter_gen``,
   ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``, ``BaseCursor._close``,
   ``._set_results``;
@@ -306,6 +307,8 @@ async def _drive(run: _GenRun, fd: int) -> Any:
     except OSError as ex:
         raise e.OperationalError("connection socket closed") from ex
 
+
+_CURSOR_EXECUTE = AsyncCursor.execute
 
 #: References to the spare cursor in `_as_new`: the connection's, the caller's
 #: variable and getrefcount's argument.  One more is someone else's.
@@ -595,9 +598,18 @@ class Connection(psycopg.AsyncConnection[Row]):
             return cur
         cur.format = _BINARY if binary else _TEXT
         try:
-            return await cur.execute(query, params, prepare=prepare)
+            if type(cur).execute is not _CURSOR_EXECUTE:  # a cursor class of the user's
+                return await cur.execute(query, params, prepare=prepare)
+            # psycopg's `AsyncCursor.execute`, one coroutine less (every query's path):
+            lock = self.lock
+            await lock.acquire()
+            try:
+                await self.wait(cur._execute_gen(query, params, prepare=prepare))
+            finally:
+                lock.release()
         except e.Error as ex:
             raise ex.with_traceback(None) from None
+        return cur
 
     async def wait(
         self,
