@@ -1,10 +1,10 @@
-"""Pure acquire + release cost (no query): triopool's pool vs trio.Semaphore + deque.
+"""Pure acquire + checkpoint + release cost (no query): triopool's pool vs trio.Semaphore + deque.
 
     python benchmarks/acquire_release.py [--dsn DSN] [--cycles N]
 
-Prints µs per acquire+release with 1 and 100 tasks competing for 10
-connections, and the ratio to the bare Semaphore + deque (goal: <= 1.5 with 1
-task).  Medians of 5 alternated runs.
+Prints µs per acquire + checkpoint + release with 1 and 100 tasks competing
+for 10 connections, and the ratio to the bare Semaphore + deque (goal: <= 1.5
+with 100 tasks).  Medians of 5 alternated runs.
 """
 
 from __future__ import annotations
