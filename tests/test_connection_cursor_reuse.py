@@ -67,3 +67,20 @@ async def test_cursors_with_adapters_of_their_own_or_closed_are_not_reused(aconn
     del other
     fresh = await aconn.execute("SELECT 'c'")
     assert id(fresh) != other_id and not fresh.closed
+
+
+async def test_a_cursor_class_of_the_users_keeps_its_own_execute(aconn: Conn) -> None:
+    """`execute` runs psycopg's generator itself only for psycopg's own `execute`."""
+    calls: list[str] = []
+
+    class CountingCursor(psycopg.AsyncCursor[Any]):
+        async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+            calls.append(query)
+            return await super().execute(query, params, **kwargs)
+
+    aconn.cursor_factory = CountingCursor
+    for _ in range(3):  # the first makes the spare cursor, the next ones reuse it
+        cur = await aconn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+        del cur
+    assert calls == ["SELECT 1"] * 3
