@@ -372,3 +372,61 @@ async def test_timeout_message_gives_the_requested_timeout_when_checks_fail(
         with pytest.raises(PoolTimeout, match=r"after 2.00 sec"):
             await pool.getconn(timeout=2.0)
         server.down = False
+
+
+async def test_a_return_while_a_borrower_waits_wakes_it_without_a_scheduler_turn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The hand-off bypass: the connection goes to the first waiter from the returning
+    task (no message), in FIFO order, at the instant of the return."""
+    server = FakeServer()
+    async with fake_pool(server, min_size=1) as pool:
+        conn = await pool.getconn()
+        served: list[tuple[str, float]] = []
+
+        async def client(name: str) -> None:
+            async with pool.connection():
+                served.append((name, trio.current_time()))
+                await trio.sleep(1.0)
+
+        async with trio.open_nursery() as nursery:
+            for name in ("first", "second"):
+                nursery.start_soon(client, name)
+                await trio.testing.wait_all_tasks_blocked()  # queued, in this order
+            await trio.sleep(2.0)
+            await pool.putconn(conn)
+            assert pool._scheduler.pending == 0  # no Release message: handed over
+        assert served == [("first", 2.0), ("second", 3.0)]
+        assert pool.get_stats()["requests_wait_ms"] == 2000 + 3000
+
+
+async def test_a_return_handed_to_a_waiter_cancelled_just_before_goes_to_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The first waiter is cancelled (its withdrawal still in the inbox) right before the
+    return: the hand-off finds it dead and passes the connection to the second."""
+    server = FakeServer()
+    async with fake_pool(server, min_size=1) as pool:
+        conn = await pool.getconn()
+        served: list[str] = []
+        cancelled: list[str] = []
+
+        async def client(name: str, scope: trio.CancelScope) -> None:
+            with scope:
+                async with pool.connection():
+                    served.append(name)
+            if scope.cancelled_caught:
+                cancelled.append(name)
+
+        first_scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client, "first", first_scope)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(client, "second", trio.CancelScope())
+            await trio.testing.wait_all_tasks_blocked()
+            first_scope.cancel()  # its abort posts the dead request...
+            assert pool._scheduler.pending == 1
+            await pool.putconn(conn)  # ...and the return comes before the scheduler's turn
+        assert served == ["second"]
+        assert cancelled == ["first"]
+        assert pool.status().waiting == 0

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import trio
 import trio.testing
-from _contract_helpers import PoolClass, contract_pool, min_for
+from _contract_helpers import PoolClass, contract_pool, min_for, wait_queued
 from _contract_helpers import name as name
 from _contract_helpers import pool_cls as pool_cls
 from _pool_checks import Server
@@ -207,3 +207,32 @@ async def test_cancelled_at_every_step(
             assert conn.autocommit is autocommit
             cur = await conn.execute("SELECT 1")
             assert await cur.fetchone() == (1,)
+
+
+async def test_a_return_with_a_statement_queued_goes_through_the_scheduler(
+    postgres_server: Server, name: str
+) -> None:
+    """The hand-off bypass is only for borrowers: a return while a statement waits (here
+    behind a borrower) is a message, so that what the scheduler sends is flushed in its
+    turn; the borrower is served first, then the statement."""
+    async with contract_pool(ConnectionPool, postgres_server, name, min_size=1, max_size=1) as pool:
+        conn = await pool.getconn()
+        order: list[str] = []
+
+        async def borrower() -> None:
+            async with pool.connection() as c:
+                order.append("borrower")
+                await c.execute("SELECT 1")
+
+        async def statement() -> None:
+            assert await pool.fetchval("SELECT 2") == 2
+            order.append("statement")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(borrower)
+            await wait_queued(pool, 1)
+            nursery.start_soon(statement)
+            await wait_queued(pool, 2)
+            await pool.putconn(conn)
+            assert pool._scheduler.pending == 1  # a Release message
+        assert order == ["borrower", "statement"]

@@ -344,6 +344,11 @@ class PoolPolicy(Generic[W]):
         """Is a client waiting (queued, or for a connection opened for it)?"""
         return bool(self._waiters)
 
+    @property
+    def statements_waiting(self) -> int:
+        """One-shot statements among the waiting clients."""
+        return self._statements_queued
+
     def ready(self) -> int:
         """Connections established (idle, lent, pipelining or being reset)."""
         return sum(1 for slot in self.slots.values() if slot.state in _READY)

@@ -46,11 +46,13 @@ Where each guarantee lives:
   is replaced.
 
 Two bypasses of the inbox, each taken only when it does exactly what the
-scheduler's next turn would (no message waiting, nobody queued), so FIFO and
-the policy's books hold: `Scheduler.lend_idle` lends an idle connection from
-the client's task, `Scheduler.release` gives a clean one back to idle.  A
-client alone on the pool then never waits for the scheduler's turn; under
-load the inbox is rarely empty and they are rarely taken (see the
+scheduler's next turn would, so FIFO and the policy's books hold:
+`Scheduler.lend_idle` lends an idle connection from the client's task (no
+message waiting, so nobody queued); `Scheduler.release` gives a clean one
+back to idle (no message waiting, nobody queued) or hands it to the borrower
+heading the queue (only requests waiting in the inbox: they queue behind it
+whatever the order).  A client alone on the pool then never waits for the
+scheduler's turn, and under load a return is no message (see the
 architecture docs for what they buy).
 """
 
@@ -265,6 +267,8 @@ class Scheduler:
         self._close_deadline = math.inf
         #: Messages sent and not handled yet (the bypass needs none: `lend_idle`).
         self.pending = 0
+        #: Of those, the ones that are not requests (the hand-off needs none: `release`).
+        self._pending_others = 0
         #: Set (by the pool) as soon as it is told to close: nothing more is lent.
         self.closing = False
         #: The trio run's clock (set by the pool when it opens, before any request).
@@ -349,35 +353,49 @@ class Scheduler:
     def release(self, actor: ConnectionActor, outcome: Outcome, *, by_pool: bool = False) -> None:
         """Give back the connection of `actor` (the caller held it).  Never waits.
 
-        The other bypass of the inbox: a clean connection that nobody waits
-        for, given back while no message waits to be handled, is given to the
-        policy here, from the caller's task, as the scheduler's next turn
-        would (it goes idle, or is closed if it expired); with it, a client
-        alone on the pool never waits for the scheduler's turn.  Otherwise
-        the release is a message.  Once the scheduler has stopped, the
-        connection is closed here.
+        The other bypass of the inbox: a clean connection given back when the
+        scheduler's next turn would do with it exactly what the policy does
+        now is given to the policy here, from the caller's task:
+
+        * nobody waits and no message waits to be handled: it goes idle (or
+          is closed, if it expired); a client alone on the pool then never
+          waits for the scheduler's turn;
+        * a borrower heads the queue, no statement is queued, no deadline is
+          due and only requests wait in the inbox (they queue behind that
+          borrower whatever the order): it is handed to that borrower (or,
+          if it was cancelled meanwhile, to the next one).  Under load, a
+          return is then no message and a client is woken by the one who
+          gave the connection back.
+
+        Otherwise the release is a message.  Once the scheduler has stopped,
+        the connection is closed here.
         """
         actor.lease = None
         now = self.clock.current_time()
         timer = self._timer
-        if (
-            not self.pending
-            and outcome is CLEAN
-            and timer is not None
-            and not self.closing
-            and not self.policy.anyone_waiting
-        ):
-            self._execute(self.policy.release(actor.slot, now, CLEAN, by_pool=by_pool), now)
-            if self._wake:  # a deadline moved earlier: the scheduler's timer follows
-                self._wake = False
-                timer.deadline = self._next_deadline()
-            return
+        if outcome is CLEAN and timer is not None and not self.closing:
+            policy = self.policy
+            if policy.anyone_waiting:
+                bypass = (
+                    not self._pending_others
+                    and not policy.statements_waiting
+                    and now < timer.deadline
+                )
+            else:
+                bypass = not self.pending
+            if bypass:
+                self._execute(policy.release(actor.slot, now, CLEAN, by_pool=by_pool), now)
+                if self._wake:  # a deadline moved earlier: the scheduler's timer follows
+                    self._wake = False
+                    timer.deadline = self._next_deadline()
+                return
         try:  # (`post`, inline: this is every request's path)
             self._inbox.send_nowait(Release(actor, outcome, by_pool, now))
         except trio.ClosedResourceError:  # stopped: closed here
             self.settle(self.policy.release(actor.slot, now, outcome, by_pool=by_pool), now)
         else:
             self.pending += 1
+            self._pending_others += 1
 
     def tell(self, message: object) -> None:
         """Send `message` without waiting for it to be handled.
@@ -395,6 +413,8 @@ class Scheduler:
         except trio.ClosedResourceError:
             return False
         self.pending += 1
+        if not isinstance(message, Request):
+            self._pending_others += 1
         return True
 
     async def call(self, message: Resize | Drain | CheckIdle | WaitReady) -> None:
@@ -474,6 +494,8 @@ class Scheduler:
     def _handle(self, message: object, now: float) -> None:
         """Feed one message to the policy and carry out what it decides."""
         self.pending -= 1
+        if not isinstance(message, Request):
+            self._pending_others -= 1
         policy = self.policy
         match message:  # the frequent ones first
             case Request():  # a statement too
