@@ -84,3 +84,24 @@ async def test_a_cursor_class_of_the_users_keeps_its_own_execute(aconn: Conn) ->
         assert await cur.fetchone() == (1,)
         del cur
     assert calls == ["SELECT 1"] * 3
+
+
+async def test_a_reused_cursor_reads_the_session_settings_as_they_are_now(aconn: Conn) -> None:
+    """Loaders read the session's settings when made: the same query object, run again
+    on the reused cursor after ``SET TIME ZONE`` from another cursor, loads the new zone
+    (as a new cursor would; the old transformer would keep the old one)."""
+    query = "SELECT '2020-01-01 12:00:00+00'::timestamptz"
+    await aconn.execute("SET TIME ZONE 'UTC'")
+    cur = await aconn.execute(query)
+    first = await cur.fetchone()
+    assert first is not None
+    cur_id = id(cur)
+    del cur
+    async with aconn.cursor() as other:
+        await other.execute("SET TIME ZONE 'Asia/Tokyo'")
+    again = await aconn.execute(query)
+    assert id(again) == cur_id  # the same cursor...
+    second = await again.fetchone()
+    assert second is not None
+    assert first[0] == second[0]  # ...the same instant, in the session's new zone:
+    assert str(first[0].tzinfo) == "UTC" and str(second[0].tzinfo) == "Asia/Tokyo"

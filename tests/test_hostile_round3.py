@@ -6,17 +6,17 @@ statements) with every kind of timeout, cancellations anywhere in the queue
 and resizes; `Connection.execute` reusing its spare cursor (adapters, session
 settings, memory, two tasks at once); the pooled block's exit.
 
-Open findings are strict xfails, each with its one-line reason:
+Findings (each test failed before its fix):
 
-* the spare cursor is not "as new": it keeps the adapters the connection had
-  when it was made (a loader or dumper registered on the connection later is
+* the spare cursor was not "as new": it kept the adapters the connection had
+  when it was made (a loader or dumper registered on the connection later was
   ignored, even one a pool's ``configure`` registers after a query), and for
   the same query string its transformer (so a client encoding changed by
-  another cursor is ignored: text is sent in the wrong encoding);
-* the spare cursor keeps the last result alive after the caller dropped it:
-  an idle pooled connection holds the previous borrower's rows in memory;
+  another cursor was ignored: text was sent in the wrong encoding);
+* the spare cursor kept the last result alive after the caller dropped it:
+  an idle pooled connection held the previous borrower's rows in memory;
 * leaving ``pool.connection()`` while a stream of the block's own task is
-  suspended (it holds the connection's lock) waits forever, where the
+  suspended (it holds the connection's lock) waited forever, where the
   contract says an ``ACTIVE`` connection is discarded.
 """
 
@@ -359,10 +359,6 @@ class UpperLoader(TextLoader):
         return bytes(data).decode().upper()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the reused spare cursor keeps the adapters of the connection at its creation",
-)
 async def test_adapters_registered_after_an_execute_apply_to_the_next(aconn: Conn) -> None:
     """As psycopg's ``conn.execute`` (a new cursor each time): adapters registered on the
     connection apply to every statement executed after."""
@@ -378,10 +374,6 @@ async def test_adapters_registered_after_an_execute_apply_to_the_next(aconn: Con
     assert await cur.fetchone() == ("POINT!",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a dumper registered by configure after a query is ignored by the first user query",
-)
 async def test_configure_registering_adapters_after_a_query(
     postgres_server: Server, name: str
 ) -> None:
@@ -405,10 +397,6 @@ async def test_configure_registering_adapters_after_a_query(
 ENCODED = "SELECT length(%s::text), %s::text = chr(233)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the spare cursor keeps its transformer for the same query: stale client encoding",
-)
 async def test_client_encoding_changed_by_another_cursor(aconn: Conn) -> None:
     """A client encoding set through another cursor: the next ``execute`` of the same
     query must encode its text parameters in it (psycopg's new cursor does)."""
@@ -445,10 +433,6 @@ def _malloc_in_use() -> int:
     return int(info.uordblks + info.hblkhd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the spare cursor keeps a dropped result alive: an idle connection holds the rows",
-)
 async def test_an_idle_connection_does_not_keep_the_last_result(
     postgres_server: Server, name: str
 ) -> None:
@@ -515,10 +499,6 @@ async def test_one_connection_shared_by_execute_cursor_and_commit_tasks(conn: Co
 # -- the pooled block's exit ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leaving connection() with the block's own stream suspended waits forever for the lock",
-)
 async def test_leaving_a_block_with_its_stream_suspended(
     postgres_server: Server, name: str
 ) -> None:

@@ -50,20 +50,22 @@ psycopg non-public names used (all of them, and only in this module):
   ``AsyncCursor.execute`` runs under the lock); ``BaseTransaction._enter_gen``,
   ``._exit_gen``, ``._check_enter`` (3.3 only); ``BasePipeline._enter_gen``,
   ``._exit_gen``, ``._exit``; ``ServerCursorMixin._close_gen``, ``BaseCursor._close``,
-  ``._set_results``;
+  ``._set_results``, ``._reset`` (to free a spare cursor's results);
 * for one-shot statements (`StatementPipeline`): ``psycopg._queries.PostgresQuery``
   (``convert``, ``dump``, and its ``query``, ``params``, ``types``, ``formats``),
   ``psycopg._preparing.Prepare`` and the connection's ``BaseConnection._prepared``
   (its ``get``, ``maybe_add_to_cache``, ``validate`` and ``_to_flush``),
   ``psycopg.errors.error_from_result`` (undocumented), ``psycopg.adapt.Transformer``
   (its ``set_pgresult`` and ``load_rows``);
-* attributes: ``AdaptersMap._own_loaders``, ``._own_dumpers``,
-  ``._own_dumpers_by_oid`` (copy-on-write flags: a cursor with adapters of its own
-  is not reused by `Connection.execute`); ``AsyncConnection.lock`` (replaced),
+* attributes: ``AdaptersMap._dumpers``, ``._dumpers_by_oid``, ``._loaders`` and
+  ``TypesRegistry._registry`` (the copy-on-write tables, compared: a cursor whose
+  adapters are not the connection's any more is not reused by `Connection.execute`);
+  ``AsyncConnection.lock`` (replaced),
   ``BaseConnection._autocommit``,
   ``._adapters``, ``._closed``, ``._pipeline``, ``._notify_handlers``,
   ``._notifies_backlog``, ``BaseTransaction._conn``, ``BaseCursor._conn``,
   ``._tx`` (set, as psycopg does for a new query), ``._make_row``,
+  ``._last_query`` (cleared, so that a reused cursor gets a new transformer),
   ``BasePipeline.level`` and ``.result_queue`` (undocumented), the ``_no_lock``
   argument of `psycopg.AsyncPipeline`;
 * the generator protocol: the ``psycopg.waiting.Wait``/``Ready`` values
@@ -97,6 +99,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, suppress
 from inspect import signature
+from operator import is_
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
@@ -118,6 +121,7 @@ from trio.lowlevel import (
     cancel_shielded_checkpoint,
     checkpoint,
     checkpoint_if_cancelled,
+    current_task,
     wait_readable,
     wait_writable,
 )
@@ -165,18 +169,24 @@ class _ConnectionLock:
     hand-off leaves the queue and one woken by it always owns the lock.
     """
 
-    __slots__ = ("_locked", "_waiters")
+    __slots__ = ("_locked", "_owner", "_waiters")
 
     def __init__(self) -> None:
         self._locked = False
+        self._owner: trio.lowlevel.Task | None = None
         self._waiters = trio.lowlevel.ParkingLot()
 
     def locked(self) -> bool:
         return self._locked
 
+    def held_by_current_task(self) -> bool:
+        """Whether the calling task holds the lock (say, in a stream it left suspended)."""
+        return self._locked and self._owner is current_task()
+
     async def acquire(self) -> None:
         if not self._locked:
             self._locked = True
+            self._owner = current_task()
             return  # noqa: ASYNC910  # free lock: no checkpoint by design
         await self._waiters.park()  # release() hands ownership over
 
@@ -184,9 +194,10 @@ class _ConnectionLock:
         if not self._locked:
             raise RuntimeError("release of an unlocked connection lock")
         if self._waiters:
-            self._waiters.unpark()
+            (self._owner,) = self._waiters.unpark()
         else:
             self._locked = False
+            self._owner = None
 
     __aenter__ = acquire  # (not a coroutine awaiting it: every query's path)
 
@@ -316,28 +327,41 @@ _SPARE_REFS = 3
 
 
 def _as_new(cur: AsyncCursor[Any], conn: Connection[Any]) -> bool:
-    """Whether `execute` may use `cur` again, as if new (resetting its row factory).
+    """Whether `execute` may use `cur` again, and if so make it as a new one would be.
 
     Nobody else references it (CPython's reference count; a cursor whose
     results a pipeline still owes is referenced by the pipeline), it is open,
-    of the connection's ``cursor_factory``, and nobody gave it adapters of its
-    own.  A cursor given back keeps psycopg's own caches (its transformer for
-    the same query, as a cursor executing again does).
+    of the connection's ``cursor_factory``, and its adapters are still the
+    connection's (`_same_adapters`).  Its row factory is the connection's
+    again, and it gets a new transformer at its next query, as a new cursor
+    does: loaders and dumpers are made again, and read the session's settings
+    (``client_encoding``, ``DateStyle``, ``TimeZone``...) as they are now.
     """
     if sys.getrefcount(cur) > _SPARE_REFS + 1 or cur.closed:  # (+1: our argument)
         return False
-    adapters = cur.adapters
-    if (
-        type(cur) is not conn.cursor_factory
-        or any(adapters._own_loaders)
-        or any(adapters._own_dumpers_by_oid)
-        or any(adapters._own_dumpers.values())
-    ):
+    if type(cur) is not conn.cursor_factory or not _same_adapters(cur.adapters, conn.adapters):
         return False
     if cur.row_factory is not conn.row_factory:
         cur.row_factory = conn.row_factory
     cur.arraysize = 1
+    cur._last_query = None  # psycopg keeps the transformer for the same query object
     return True
+
+
+def _same_adapters(mine: AdaptersMap, theirs: AdaptersMap) -> bool:
+    """Whether a cursor's adapters (`mine`) are those its connection has now (`theirs`).
+
+    A cursor's map shares the connection's tables when it is made, and either
+    side copies a table before changing it (psycopg's copy-on-write): the
+    same table objects mean nobody registered anything on either since.
+    """
+    # (Identities compared in C: these tables are in the same order on both sides.)
+    return (
+        mine.types._registry is theirs.types._registry
+        and all(map(is_, mine._loaders, theirs._loaders))
+        and all(map(is_, mine._dumpers_by_oid, theirs._dumpers_by_oid))
+        and all(map(is_, mine._dumpers.values(), theirs._dumpers.values()))
+    )
 
 
 def _notifies_gen(pgconn: pq.abc.PGconn) -> PQGen[list[pq.PGnotify]]:
@@ -584,10 +608,13 @@ class Connection(psycopg.AsyncConnection[Row]):
 
         As `psycopg.AsyncConnection.execute`.  The cursor the previous call
         returned is used again if nothing references it any more (the
-        caller dropped it) and it is as a new one would be (open, of the
-        connection's ``cursor_factory``, no adapters of its own): it saves
-        making a cursor per statement.  Its row factory is the connection's
-        again, as a new cursor's.
+        caller dropped it) and it can be as a new one would be (open, of the
+        connection's ``cursor_factory``, the connection's adapters as they
+        are now): it saves making a cursor per statement.  It is made new
+        again: the connection's row factory, a new transformer (loaders and
+        dumpers made again, seeing the session's settings as they are now).
+        Until then it keeps its results, as a cursor the caller kept would:
+        a pool frees them when the connection comes back.
 
         Checkpoints and cancellation: as `wait`.
         """
@@ -610,6 +637,21 @@ class Connection(psycopg.AsyncConnection[Row]):
         except e.Error as ex:
             raise ex.with_traceback(None) from None
         return cur
+
+    def _locked_by_current_task(self) -> bool:
+        """Whether the calling task holds `lock` (in a stream it left suspended, say)."""
+        return cast(_ConnectionLock, self.lock).held_by_current_task()
+
+    def _free_results(self) -> None:
+        """Free what the cursor `execute` returned last holds, if nobody uses it.
+
+        The pool calls this when a connection comes back, so that an idle
+        connection keeps no result of its last borrower.
+        """
+        cur = self._spare_cursor
+        if cur is not None and sys.getrefcount(cur) <= _SPARE_REFS:  # (see `_as_new`)
+            cur._reset()
+            cur._tx.set_pgresult(None)
 
     async def wait(
         self,

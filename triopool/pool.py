@@ -77,7 +77,8 @@ __all__ = ["ConnectionPool", "NullConnectionPool", "open_pool"]
 logger = logging.getLogger("triopool")
 
 #: Where leaving `ConnectionPool.connection` ends the transaction: ACTIVE too (another
-#: task's command runs on the connection: the exit waits for it, then commits).
+#: task's command runs on the connection: the exit waits for it, then commits; but
+#: not a command of the leaving task itself, such as a stream it left suspended).
 _UNFINISHED_STATES = (*DIRTY_STATES, pq.TransactionStatus.ACTIVE)
 #: The SQLSTATE that shows a failover: a write refused by a server that became
 #: a standby (``read_only_sql_transaction``).
@@ -783,6 +784,7 @@ class ConnectionPool:
                 lease.task.name,
                 trio.current_time() - lease.at,
             )
+        conn._free_results()
         self._scheduler.release(actor, outcome_of(conn, reset=self._reset is not None))
 
     def _outcome(self, conn: AnyConnection) -> Outcome:
@@ -1034,7 +1036,13 @@ class _PooledConnection:
             if isinstance(exc_val, psycopg.Error) and exc_val.sqlstate == _FAILOVER_SQLSTATE:
                 pool._failover_suspected(actor)
             try:
-                if conn.pgconn.transaction_status in _UNFINISHED_STATES and not conn.closed:
+                if (
+                    conn.pgconn.transaction_status in _UNFINISHED_STATES
+                    and not conn.closed
+                    # Not if this task holds the lock (a stream it left suspended, say):
+                    # it comes back ACTIVE, and is discarded.
+                    and not conn._locked_by_current_task()
+                ):
                     await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back  # noqa: ASYNC102  # commit after success stays cancellable; rollback is shielded
             finally:
                 # Unless given back meanwhile (another task closing it, say):
