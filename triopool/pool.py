@@ -482,7 +482,11 @@ class ConnectionPool:
         committed (or rolled back if the block raised) and the connection goes
         back to the pool.  If the block gave the connection back itself
         (``await conn.close()`` with ``close_returns``), leaving it does not
-        touch the connection again.
+        touch the connection again.  If another task's command is running on
+        the connection, leaving waits for it, then commits; but if the block's
+        own task holds the connection (a ``stream()`` it left suspended, say),
+        the connection comes back ``ACTIVE`` and is discarded, as with
+        `putconn`.
 
         Checkpoints: entering always (see `getconn`); leaving only when a
         transaction is to be ended.  If cancelled while leaving: the
