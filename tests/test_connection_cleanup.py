@@ -472,3 +472,26 @@ async def test_cancelled_transaction_exit_closes_if_other_task_holds_on(
     assert aconn.closed
     assert len(other) == 1
     assert await ids_in(admin, table) == []
+
+
+@pytest.mark.parametrize("block", ["connection", "transaction"])
+async def test_cleanup_with_the_tasks_own_stream_suspended(
+    postgres_dsn: str, app_name: str, admin: Conn, table: sql.Identifier, block: str
+) -> None:
+    """``break`` out of a stream that stays referenced keeps psycopg's lock held by this
+    very task: the COMMIT at the end of ``async with conn`` or of a transaction block
+    would wait for it forever.  It is refused at once instead: the connection is closed
+    (nothing committed) and `psycopg.OperationalError` raised."""
+    conn = await connect(postgres_dsn, app_name)
+    stream: Any = None
+    with trio.move_on_after(2.0) as bound, pytest.raises(e.OperationalError, match="suspended"):
+        async with conn if block == "connection" else conn.transaction():
+            await conn.execute(sql.SQL("INSERT INTO {} VALUES (1)").format(table))
+            stream = conn.cursor().stream("SELECT generate_series(1, 100000)")
+            async for _ in stream:
+                break
+    assert not bound.cancelled_caught, "the cleanup waited for this task's own lock"
+    assert conn.closed
+    assert await ids_in(admin, table) == []
+    await stream.aclose()
+    await conn.close()

@@ -17,7 +17,9 @@ Findings (each test failed before its fix):
   an idle pooled connection held the previous borrower's rows in memory;
 * leaving ``pool.connection()`` while a stream of the block's own task is
   suspended (it holds the connection's lock) waited forever, where the
-  contract says an ``ACTIVE`` connection is discarded.
+  contract says an ``ACTIVE`` connection is discarded (now every cleanup that
+  would wait for a lock its own task holds closes the connection and raises
+  `psycopg.OperationalError` at once: nothing is committed).
 """
 
 from __future__ import annotations
@@ -521,3 +523,27 @@ async def test_leaving_a_block_with_its_stream_suspended(
         async with pool.connection(timeout=2.0) as conn:  # the pool serves on
             await conn.execute("SELECT 1")
         assert not bound.cancelled_caught, "leaving the block hung"
+
+
+async def test_leaving_a_block_with_its_stream_suspended_commits_nothing(
+    postgres_server: Server, name: str
+) -> None:
+    """What leaving does then: the block's transaction cannot be committed (this task's
+    own stream holds the connection), so nothing is, the block's exit says so with
+    `psycopg.OperationalError`, and the connection is replaced."""
+    table = f"tp_{name}_suspended"
+    async with real_pool(postgres_server, name, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            pid = conn.info.backend_pid
+        stream: Any = None
+        with pytest.raises(psycopg.OperationalError, match="suspended"):
+            async with pool.connection() as conn:
+                await conn.execute(f"CREATE TABLE {table} ()")
+                stream = conn.cursor().stream("SELECT generate_series(1, 100000)")
+                async for _ in stream:
+                    break
+        await stream.aclose()
+        async with pool.connection() as conn:
+            assert conn.info.backend_pid != pid
+            cur = await conn.execute(f"SELECT to_regclass('{table}') IS NULL")
+            assert await cur.fetchone() == (True,)

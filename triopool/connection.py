@@ -885,8 +885,17 @@ class Connection(psycopg.AsyncConnection[Row]):
         Waiting for the lock (another task's command) is not bounded while
         nobody cancels; once cancelled, it goes on shielded for `cancel_timeout`.
         If the lock is still taken then, the connection is closed (the other task
-        gets `psycopg.OperationalError`) and `trio.Cancelled` raised.
+        gets `psycopg.OperationalError`) and `trio.Cancelled` raised.  If the
+        calling task holds the lock itself (a ``stream()`` it left suspended,
+        say), waiting would never end: the connection is closed at once and
+        `psycopg.OperationalError` raised.
         """
+        if self._locked_by_current_task():
+            self._close_now()
+            raise e.OperationalError(
+                "the connection is busy with an operation this task left unfinished"
+                " (a suspended stream?): it was closed"
+            )
         lock = self.lock
         try:
             await lock.acquire()

@@ -77,8 +77,7 @@ __all__ = ["ConnectionPool", "NullConnectionPool", "open_pool"]
 logger = logging.getLogger("triopool")
 
 #: Where leaving `ConnectionPool.connection` ends the transaction: ACTIVE too (another
-#: task's command runs on the connection: the exit waits for it, then commits; but
-#: not a command of the leaving task itself, such as a stream it left suspended).
+#: task's command runs on the connection: the exit waits for it, then commits).
 _UNFINISHED_STATES = (*DIRTY_STATES, pq.TransactionStatus.ACTIVE)
 #: The SQLSTATE that shows a failover: a write refused by a server that became
 #: a standby (``read_only_sql_transaction``).
@@ -484,9 +483,10 @@ class ConnectionPool:
         (``await conn.close()`` with ``close_returns``), leaving it does not
         touch the connection again.  If another task's command is running on
         the connection, leaving waits for it, then commits; but if the block's
-        own task holds the connection (a ``stream()`` it left suspended, say),
-        the connection comes back ``ACTIVE`` and is discarded, as with
-        `putconn`.
+        own task still holds it (a ``stream()`` it left suspended, say),
+        nothing can be committed: the connection is closed and replaced, and
+        leaving raises `psycopg.OperationalError` (unless the block raised: its
+        exception propagates).
 
         Checkpoints: entering always (see `getconn`); leaving only when a
         transaction is to be ended.  If cancelled while leaving: the
@@ -1040,13 +1040,7 @@ class _PooledConnection:
             if isinstance(exc_val, psycopg.Error) and exc_val.sqlstate == _FAILOVER_SQLSTATE:
                 pool._failover_suspected(actor)
             try:
-                if (
-                    conn.pgconn.transaction_status in _UNFINISHED_STATES
-                    and not conn.closed
-                    # Not if this task holds the lock (a stream it left suspended, say):
-                    # it comes back ACTIVE, and is discarded.
-                    and not conn._locked_by_current_task()
-                ):
+                if conn.pgconn.transaction_status in _UNFINISHED_STATES and not conn.closed:
                     await conn.__aexit__(exc_type, exc_val, exc_tb)  # commit or roll back  # noqa: ASYNC102  # commit after success stays cancellable; rollback is shielded
             finally:
                 # Unless given back meanwhile (another task closing it, say):
